@@ -1,0 +1,60 @@
+"""The `tierfs` command line: one module per command group."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from tierfs import __version__
+from tierfs.cli import fsck, mkfs, mount, status
+from tierfs.errors import ExitCode, TierfsError
+
+
+class TierfsGroup(click.Group):
+    """Turns TierfsError into a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TierfsError as exc:
+            click.echo(f"tierfs: error: {exc.message}", err=True)
+            sys.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.echo("tierfs: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=TierfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tierfs")
+def cli() -> None:
+    """tierfs: a tiered, self-protecting filesystem for edge sites.
+
+    \b
+    Quick start:
+      tierfs mkfs /var/lib/tierfs --site store-042
+      tierfs mount /var/lib/tierfs /srv/data
+      tierfs status /srv/data
+      tierfs umount /srv/data
+
+    Exit codes are listed in docs/EXIT_CODES.md.
+    """
+
+
+cli.add_command(mkfs.mkfs)
+cli.add_command(mount.mount)
+cli.add_command(mount.umount)
+cli.add_command(status.status)
+cli.add_command(fsck.fsck)
+
+
+def main() -> None:
+    try:
+        cli(prog_name="tierfs")
+    except TierfsError as exc:
+        click.echo(f"tierfs: error: {exc.message}", err=True)
+        sys.exit(int(exc.exit_code))
+
+
+__all__ = ["ExitCode", "cli", "main"]

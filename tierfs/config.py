@@ -1,0 +1,213 @@
+"""The `tierfs.toml` schema: every setting, its type, default and meaning, in one table.
+
+`mkfs` renders the whole table as a commented file, so an operator sees every knob and its
+default; `load` validates a file against the same table and names the offending key on error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tierfs.errors import ExitCode, TierfsError
+
+CONFIG_NAME = "tierfs.toml"
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One key of `tierfs.toml`."""
+
+    section: str
+    key: str
+    type: type
+    default: Any
+    doc: str
+    minimum: float | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("site", "name", str, "", "Site name, unique within the dedup domain (default: host name)."),
+    Setting(
+        "mount",
+        "allow_other",
+        bool,
+        True,
+        "Let users other than the mounting one access the mount (only applies when root mounts;\n"
+        "# set to false, or pass -o noallow_other, for a private mount).",
+    ),
+    Setting(
+        "mount", "attr_timeout", float, 60.0, "Seconds the kernel may cache attributes.", 0.0
+    ),
+    Setting(
+        "mount", "entry_timeout", float, 60.0, "Seconds the kernel may cache name lookups.", 0.0
+    ),
+    Setting(
+        "mount",
+        "atime",
+        str,
+        "relatime",
+        'Access time policy: "relatime" (update when older than mtime/ctime or a day),\n'
+        '# or "noatime" (never update).',
+    ),
+    Setting(
+        "metadata",
+        "commit_interval",
+        float,
+        0.5,
+        "Seconds between group commits of the metadata index; fsync commits at once.",
+        0.01,
+    ),
+    Setting(
+        "metadata",
+        "max_batch_ops",
+        int,
+        20000,
+        "Commit early once a group commit holds this many changes.",
+        1,
+    ),
+    Setting(
+        "metadata",
+        "preallocate_mb",
+        int,
+        64,
+        "Disk space kept allocated ahead of the metadata index so commits never hit ENOSPC.",
+        8,
+    ),
+    Setting(
+        "staging",
+        "reserve_mb",
+        int,
+        256,
+        "Free space on the data directory's disk kept back from file data, so metadata\n"
+        "# changes (unlink, rmdir) still work when the disk is full. Writers get ENOSPC below it.",
+        0,
+    ),
+    Setting(
+        "log",
+        "level",
+        str,
+        "info",
+        'Log level of the daemon: "debug", "info", "warning" or "error".',
+    ),
+)
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_ATIME_POLICIES = ("relatime", "noatime")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings, addressed as `config.get("mount", "attr_timeout")`."""
+
+    values: dict[tuple[str, str], Any]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[(section, key)]
+
+    @property
+    def site(self) -> str:
+        return str(self.values[("site", "name")])
+
+
+def default_site_name() -> str:
+    return socket.gethostname().split(".")[0] or "site"
+
+
+def defaults(site: str | None = None) -> Config:
+    values = {(s.section, s.key): s.default for s in SETTINGS}
+    values[("site", "name")] = site or default_site_name()
+    return Config(values)
+
+
+def render(config: Config) -> str:
+    """The whole schema as a commented TOML file with `config`'s values."""
+    lines = [
+        "# tierfs configuration. Every setting is listed with its default.",
+        f"format_version = {CONFIG_FORMAT_VERSION}",
+    ]
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines += ["", f"[{section}]"]
+        value = config.get(setting.section, setting.key)
+        lines.append(f"# {setting.doc} Default: {_toml_value(setting.default)}")
+        lines.append(f"{setting.key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)
+
+
+def write(data_dir: Path, config: Config) -> None:
+    path = data_dir / CONFIG_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render(config))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load(data_dir: Path) -> Config:
+    """Read and validate `tierfs.toml`; raise `TierfsError(CONFIG)` naming the bad key."""
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise TierfsError(f"{path}: missing (not a tierfs data directory?)", ExitCode.CONFIG) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TierfsError(f"{path}: not valid TOML: {exc}", ExitCode.CONFIG) from None
+    return parse(raw, str(path))
+
+
+def parse(raw: dict[str, Any], where: str) -> Config:
+    version = raw.pop("format_version", CONFIG_FORMAT_VERSION)
+    if version != CONFIG_FORMAT_VERSION:
+        raise TierfsError(
+            f"{where}: format_version {version} is not supported (this tierfs reads "
+            f"{CONFIG_FORMAT_VERSION}); run 'tierfs upgrade'",
+            ExitCode.VERSION,
+        )
+    config = defaults()
+    values = dict(config.values)
+    known = {(s.section, s.key): s for s in SETTINGS}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise TierfsError(f"{where}: '{section}' must be a [section]", ExitCode.CONFIG)
+        for key, value in table.items():
+            setting = known.get((section, key))
+            if setting is None:
+                raise TierfsError(f"{where}: unknown setting {section}.{key}", ExitCode.CONFIG)
+            values[(section, key)] = _validate(setting, value, where)
+    return Config(values)
+
+
+def _validate(setting: Setting, value: Any, where: str) -> Any:
+    name = f"{setting.section}.{setting.key}"
+    if setting.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, setting.type) or (setting.type is int and isinstance(value, bool)):
+        raise TierfsError(
+            f"{where}: {name} must be a {setting.type.__name__}, not {value!r}", ExitCode.CONFIG
+        )
+    if setting.minimum is not None and value < setting.minimum:
+        raise TierfsError(f"{where}: {name} must be >= {setting.minimum}", ExitCode.CONFIG)
+    if name == "log.level" and value not in _LOG_LEVELS:
+        raise TierfsError(f"{where}: log.level must be one of {_LOG_LEVELS}", ExitCode.CONFIG)
+    if name == "mount.atime" and value not in _ATIME_POLICIES:
+        raise TierfsError(f"{where}: mount.atime must be one of {_ATIME_POLICIES}", ExitCode.CONFIG)
+    if name == "site.name" and (not value or "/" in value):
+        raise TierfsError(f"{where}: site.name must be a non-empty name", ExitCode.CONFIG)
+    return value

@@ -1,0 +1,177 @@
+"""The data directory's layout, its mount lock, and how a command finds it from a path.
+
+Layout (docs/FORMAT.md has the details):
+
+    DATA_DIR/tierfs.toml      settings
+    DATA_DIR/meta/            the LMDB environment
+    DATA_DIR/staging/XX/INO   per-inode staging files (XX = low byte of the inode number)
+    DATA_DIR/run/control.sock the running daemon's control socket
+    DATA_DIR/run/daemon.pid   its pid
+    DATA_DIR/lock             flock()ed by the daemon for as long as it runs
+    DATA_DIR/log/tierfs.log   the daemon's log
+
+A path given to a command is either a data directory (it holds `tierfs.toml`) or a mount point;
+a mount point is resolved through /proc/self/mountinfo, where tierfs mounts show the data
+directory as their source (fstype `fuse.tierfs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from tierfs.errors import ExitCode, TierfsError
+
+FSTYPE = "fuse.tierfs"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "tierfs.toml"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run / "control.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "daemon.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "tierfs.log"
+
+    def is_filesystem(self) -> bool:
+        return self.config.exists() or self.meta.exists()
+
+    def require(self) -> DataDir:
+        if not self.root.is_dir():
+            raise TierfsError(f"{self.root}: no such directory", ExitCode.NOT_A_FILESYSTEM)
+        if not self.config.exists():
+            raise TierfsError(
+                f"{self.root}: not a tierfs data directory (no tierfs.toml)", ExitCode.NOT_A_FILESYSTEM
+            )
+        return self
+
+    def make_layout(self) -> None:
+        for sub in (self.meta, self.staging, self.run, self.log_dir):
+            sub.mkdir(parents=True, exist_ok=True)
+
+
+class MountLock:
+    """An exclusive flock on DATA_DIR/lock: held by the daemon, released by the kernel on death."""
+
+    def __init__(self, data_dir: DataDir) -> None:
+        self.data_dir = data_dir
+        self.fd = -1
+
+    def acquire(self) -> None:
+        fd = os.open(self.data_dir.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise TierfsError(
+                    f"{self.data_dir.root}: already in use by a running tierfs (mounted?)", ExitCode.BUSY
+                ) from None
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def is_locked(data_dir: DataDir) -> bool:
+    """True while a daemon holds the data directory."""
+    try:
+        fd = os.open(data_dir.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _unescape_mountinfo(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def tierfs_mounts() -> dict[Path, Path]:
+    """Mount point -> data directory, for every tierfs mount this process can see."""
+    mounts: dict[Path, Path] = {}
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 2 or rfields[0] != FSTYPE:
+            continue
+        mounts[Path(_unescape_mountinfo(fields[4]))] = Path(_unescape_mountinfo(rfields[1]))
+    return mounts
+
+
+def resolve(path: str | Path) -> DataDir:
+    """A data directory or a mount point -> the data directory."""
+    p = Path(path).absolute()
+    mounts = tierfs_mounts()
+    if p in mounts:
+        return DataDir(mounts[p]).require()
+    if (p / "tierfs.toml").exists():
+        return DataDir(p)
+    if not p.exists():
+        raise TierfsError(f"{p}: no such file or directory", ExitCode.NOT_A_FILESYSTEM)
+    raise TierfsError(
+        f"{p}: neither a tierfs data directory nor a tierfs mount point", ExitCode.NOT_A_FILESYSTEM
+    )
+
+
+def mountpoint_of(data_dir: DataDir) -> Path | None:
+    root = data_dir.root.absolute()
+    for mnt, src in tierfs_mounts().items():
+        if src == root:
+            return mnt
+    return None

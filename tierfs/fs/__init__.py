@@ -1,0 +1,1 @@
+"""The filesystem: namespace operations, staging, and the pyfuse3 boundary."""

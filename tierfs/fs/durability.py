@@ -1,0 +1,60 @@
+"""Group commits and fsync: the only code that commits the metadata index while mounted."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from tierfs.fs.namespace import Namespace
+from tierfs.meta.store import MetaStore
+
+log = logging.getLogger(__name__)
+
+_POLL = 0.05
+
+
+class Durability:
+    """Commits the group transaction on a timer, on pressure, and on demand (fsync)."""
+
+    def __init__(
+        self,
+        ns: Namespace,
+        store: MetaStore,
+        interval: float,
+        max_ops: int,
+        io_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.ns = ns
+        self.store = store
+        self.interval = interval
+        self.max_ops = max_ops
+        self.io_limiter = io_limiter
+        self._last_commit = time.monotonic()
+        self.fsyncs = 0
+
+    def commit(self) -> None:
+        """Fold staged ranges into the group and commit it (trio thread, no await)."""
+        self.ns.persist_staging_ranges()
+        self.store.commit()
+        self._last_commit = time.monotonic()
+
+    async def sync(self, ino: int | None) -> None:
+        """Make one inode's data (or all staged data) and all metadata durable."""
+        work = self.ns.staging.take_sync_work(ino)
+        await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
+        self.commit()
+        await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
+        self.fsyncs += 1
+
+    async def run(self) -> None:
+        """The committer task: commit every `interval`, or sooner once `max_ops` piled up."""
+        while True:
+            await trio.sleep(_POLL)
+            due = time.monotonic() - self._last_commit >= self.interval
+            if self.store.pending_ops >= self.max_ops or (due and self._has_changes()):
+                self.commit()
+
+    def _has_changes(self) -> bool:
+        return self.store.pending_ops > 0 or bool(self.ns.staging.changed)

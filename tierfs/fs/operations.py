@@ -1,0 +1,288 @@
+"""The pyfuse3 boundary: requests in, `Namespace` calls, `FUSEError(errno)` out.
+
+Nothing here holds state beyond open handles; every handler is a thin translation. The only
+awaits are fsync work, which goes to a worker thread under the I/O limiter.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from tierfs.fs.namespace import FsError, Namespace
+from tierfs.meta.records import Inode
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+BLOCK_SIZE = 4096
+
+
+def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Map FsError and OSError to FUSEError; log anything unexpected as an EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("append", "ino")
+
+    def __init__(self, ino: int, append: bool) -> None:
+        self.ino = ino
+        self.append = append
+
+
+class TierfsOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers of one mounted tierfs."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        ns: Namespace,
+        durability: Any,
+        data_dir: str,
+        attr_timeout: float,
+        entry_timeout: float,
+    ) -> None:
+        super().__init__()
+        self.ns = ns
+        self.durability = durability
+        self.data_dir = data_dir
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(inode.ino)
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = pyfuse3.ModeT(inode.mode)
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid
+        a.st_gid = inode.gid
+        a.st_rdev = inode.rdev
+        a.st_size = inode.size
+        a.st_blksize = BLOCK_SIZE
+        staged = self.ns.staged_bytes(inode)
+        a.st_blocks = (staged + BLOCK_SIZE - 1) // BLOCK_SIZE * (BLOCK_SIZE // 512)
+        a.st_atime_ns = inode.atime_ns
+        a.st_mtime_ns = inode.mtime_ns
+        a.st_ctime_ns = inode.ctime_ns
+        return a
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.ns.lookup(parent_inode, name))
+
+    @fuse_errors
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.ns.forget(ino, n)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.ns.inode(inode))
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: Any,
+        ctx: Any,
+    ) -> pyfuse3.EntryAttributes:
+        updated = self.ns.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self.attrs(updated)
+
+    # -- namespace ----------------------------------------------------------------------------
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return self.ns.readlink(inode)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.ns.create_node(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return self.attrs(self.ns.create_node(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        inode = self.ns.create_node(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target)
+        return self.attrs(inode)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.ns.link(inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.ns.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.ns.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: Any,
+    ) -> None:
+        self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not self.ns.inode(inode).is_dir:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for name, inode, cookie in self.ns.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self.attrs(inode), cookie):
+                break
+            self.ns.add_lookup(inode.ino)
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.durability.sync(None)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _new_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
+        return self._new_handle(inode, flags)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        inode = self.ns.create_node(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self.ns.open(inode.ino, truncate=False)
+        return self._new_handle(inode.ino, flags), self.attrs(inode)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.ns.read(self.handles[fh].ino, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if handle.append:
+            off = self.ns.inode(handle.ino).size
+        return self.ns.write(handle.ino, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        self.ns.release(handle.ino)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.durability.sync(self.handles[fh].ino)
+
+    # -- xattrs ----------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.ns.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return self.ns.getxattr(inode, name)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return self.ns.listxattr(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        try:
+            self.ns.removexattr(inode, name)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    # -- filesystem --------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = await trio.to_thread.run_sync(os.statvfs, self.data_dir)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = BLOCK_SIZE
+        out.f_frsize = BLOCK_SIZE
+        scale = st.f_frsize / BLOCK_SIZE
+        out.f_blocks = int(st.f_blocks * scale)
+        out.f_bfree = int(st.f_bfree * scale)
+        out.f_bavail = int(st.f_bavail * scale)
+        out.f_files = max(st.f_files, 1 << 32)
+        out.f_ffree = max(st.f_ffree, (1 << 32) - 1024)
+        out.f_favail = out.f_ffree
+        out.f_namemax = 255
+        return out

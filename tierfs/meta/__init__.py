@@ -1,0 +1,1 @@
+"""The LMDB metadata index: key schema, record codecs and the group-committing store."""

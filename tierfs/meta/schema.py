@@ -1,0 +1,65 @@
+"""The LMDB key schema, in one place (docs/FORMAT.md describes the same table for humans).
+
+Integers in keys are big-endian so that LMDB's byte order is numeric order.
+"""
+
+from __future__ import annotations
+
+import struct
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+MAGIC = b"TIERFS-META"
+
+# Named databases of the single environment.
+DB_META = b"meta"  # bytes key -> value: schema version, uuid, features, counters
+DB_INODES = b"inodes"  # ino(8) -> inode record (records.Inode)
+DB_DIRENTS = b"dirents"  # parent ino(8) + name -> child ino(8) + cookie(8)
+DB_COOKIES = b"cookies"  # parent ino(8) + cookie(8) -> name   (stable readdir offsets)
+DB_XATTRS = b"xattrs"  # ino(8) + name -> value
+DB_SYMLINKS = b"symlinks"  # ino(8) -> target
+DB_STAGING = b"staging"  # ino(8) -> staged ranges (records.encode_ranges)
+DB_ORPHANS = b"orphans"  # ino(8) -> b"" : nlink 0 but still open when last committed
+
+ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_COOKIES, DB_XATTRS, DB_SYMLINKS, DB_STAGING, DB_ORPHANS)
+
+# Keys of DB_META.
+K_MAGIC = b"magic"
+K_SCHEMA = b"schema_version"  # struct ">HH": major, minor
+K_UUID = b"fs_uuid"  # 16 bytes
+K_FEATURES = b"features"  # utf-8, comma separated feature flags
+K_CREATED = b"created_ns"  # ">q"
+K_NEXT_INO = b"next_ino"  # ">Q": next inode number to hand out (never reused)
+K_NEXT_COOKIE = b"next_cookie"  # ">Q": next readdir cookie (never reused)
+K_SITE = b"site"  # utf-8 site name as given to mkfs
+
+FEATURES: tuple[str, ...] = ("staging-v1",)
+
+ROOT_INO = 1
+FIRST_FREE_INO = 2
+
+_U64 = struct.Struct(">Q")
+
+
+def ino_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def key_ino(key: bytes) -> int:
+    return int(_U64.unpack_from(key)[0])
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def cookie_key(parent: int, cookie: int) -> bytes:
+    return _U64.pack(parent) + _U64.pack(cookie)
+
+
+def pack_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def unpack_u64(data: bytes, offset: int = 0) -> int:
+    return int(_U64.unpack_from(data, offset)[0])

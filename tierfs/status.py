@@ -1,0 +1,105 @@
+"""`tierfs status`: what the filesystem holds and where, as a versioned JSON document.
+
+The schema is published in docs/STATUS.md. Keys are only ever added, never renamed; the
+`schema_version` field changes its minor number when keys are added.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tierfs.datadir import DataDir
+from tierfs.meta.records import Inode, decode_ranges
+from tierfs.meta.store import MetaStore
+
+STATUS_SCHEMA_VERSION = "1.0"
+TIERS = ("staging", "hot", "cold", "regional", "cloud")
+
+
+def collect(data_dir: DataDir, store: MetaStore, tx: Any, mounted: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status document from a consistent view of the index (`tx`)."""
+    info = store.info(tx)
+    files = dirs = logical = 0
+    with tx.cursor(db=store.inodes) as cur:
+        for key, value in cur:
+            inode = Inode.decode(int.from_bytes(key, "big"), bytes(value))
+            if inode.is_reg:
+                files += 1
+                logical += inode.size
+            elif inode.is_dir:
+                dirs += 1
+    staged = 0
+    with tx.cursor(db=store.staging) as cur:
+        for _, value in cur:
+            staged += sum(b - a for a, b in decode_ranges(bytes(value)))
+    tiers: dict[str, dict[str, int]] = {t: {"bytes": 0} for t in TIERS}
+    tiers["staging"] = {"bytes": _allocated(data_dir.staging), "staged_bytes": staged}
+    doc: dict[str, Any] = {
+        "schema_version": STATUS_SCHEMA_VERSION,
+        "site": info["site"],
+        "fs_uuid": info["uuid"],
+        "metadata_schema": info["schema"],
+        "mounted": mounted,
+        "data_dir": str(data_dir.root),
+        "logical_bytes": logical,
+        "files": files,
+        "directories": dirs,
+        "tiers": tiers,
+        "chunks": {"count": 0, "stored_bytes": 0},
+        "queue": {"pending_bytes": 0},
+        "snapshots": {"count": 0, "latest": None},
+        "errors": {"io": 0, "checksum": 0},
+        "metadata": {"bytes": _allocated(data_dir.meta)},
+    }
+    if extra:
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key].update(value)
+            else:
+                doc[key] = value
+    return doc
+
+
+def _allocated(root: os.PathLike[str]) -> int:
+    """Bytes allocated on disk (not apparent size) under `root`."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    lines = [
+        f"site            {doc['site']}",
+        f"mounted         {'yes' if doc['mounted'] else 'no'}",
+        f"mountpoint      {doc.get('mountpoint') or '-'}",
+        f"data directory  {doc['data_dir']}",
+        f"files           {doc['files']:,} in {doc['directories']:,} directories",
+        f"logical size    {_human(doc['logical_bytes'])}",
+        "",
+        f"{'tier':<10} {'bytes':>12}",
+    ]
+    for name in TIERS:
+        lines.append(f"{name:<10} {_human(doc['tiers'][name]['bytes']):>12}")
+    lines += [
+        "",
+        f"chunks          {doc['chunks']['count']:,} ({_human(doc['chunks']['stored_bytes'])} stored)",
+        f"upload queue    {_human(doc['queue']['pending_bytes'])}",
+        f"snapshots       {doc['snapshots']['count']} (latest: {doc['snapshots']['latest'] or '-'})",
+        "errors          " + ", ".join(f"{k}={v}" for k, v in doc["errors"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
