@@ -25,14 +25,16 @@ class Setting:
 
     section: str
     key: str
-    type: type
+    type: type[Any]
     default: Any
     doc: str
     minimum: float | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("site", "name", str, "", "Site name, unique within the dedup domain (default: host name)."),
+    Setting(
+        "site", "name", str, "", "Site name, unique within the dedup domain (default: host name)."
+    ),
     Setting(
         "mount",
         "allow_other",
@@ -41,9 +43,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Let users other than the mounting one access the mount (only applies when root mounts;\n"
         "# set to false, or pass -o noallow_other, for a private mount).",
     ),
-    Setting(
-        "mount", "attr_timeout", float, 60.0, "Seconds the kernel may cache attributes.", 0.0
-    ),
+    Setting("mount", "attr_timeout", float, 60.0, "Seconds the kernel may cache attributes.", 0.0),
     Setting(
         "mount", "entry_timeout", float, 60.0, "Seconds the kernel may cache name lookups.", 0.0
     ),
@@ -166,7 +166,9 @@ def load(data_dir: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise TierfsError(f"{path}: missing (not a tierfs data directory?)", ExitCode.CONFIG) from None
+        raise TierfsError(
+            f"{path}: missing (not a tierfs data directory?)", ExitCode.CONFIG
+        ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TierfsError(f"{path}: not valid TOML: {exc}", ExitCode.CONFIG) from None
     return parse(raw, str(path))

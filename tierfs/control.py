@@ -38,7 +38,9 @@ def _short_path(sock_path: Path) -> Iterator[str]:
         os.close(dfd)
 
 
-async def serve(sock_path: Path, handlers: dict[str, Handler], task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    sock_path: Path, handlers: dict[str, Handler], task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve the control socket until cancelled."""
     with contextlib.suppress(FileNotFoundError):
         sock_path.unlink()
@@ -49,8 +51,12 @@ async def serve(sock_path: Path, handlers: dict[str, Handler], task_status: Any 
     sock.listen(16)
     listener = trio.SocketListener(sock)
     task_status.started()
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, handlers)
+
     try:
-        await trio.serve_listeners(lambda s: _serve_one(s, handlers), [listener])
+        await trio.serve_listeners(serve_one, [listener])
     finally:
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
@@ -84,7 +90,9 @@ async def _serve_one(stream: trio.SocketStream, handlers: dict[str, Handler]) ->
 def request(sock_path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
     """Send one request to the daemon; TierfsError(NOT_MOUNTED) when nobody answers."""
     if not sock_path.exists():
-        raise TierfsError(f"{sock_path.parent.parent}: not mounted (no control socket)", ExitCode.NOT_MOUNTED)
+        raise TierfsError(
+            f"{sock_path.parent.parent}: not mounted (no control socket)", ExitCode.NOT_MOUNTED
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
@@ -98,7 +106,9 @@ def request(sock_path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> di
                     break
                 data += chunk
         except TimeoutError:
-            raise TierfsError(f"daemon did not answer '{cmd}' within {timeout:g}s", ExitCode.TIMEOUT) from None
+            raise TierfsError(
+                f"daemon did not answer '{cmd}' within {timeout:g}s", ExitCode.TIMEOUT
+            ) from None
         except (ConnectionRefusedError, FileNotFoundError):
             raise TierfsError(
                 f"{sock_path.parent.parent}: not mounted (daemon not running)", ExitCode.NOT_MOUNTED

@@ -24,6 +24,7 @@ import trio
 
 from tierfs import config as config_mod
 from tierfs import control, status
+from tierfs.crashpoints import crash_point
 from tierfs.datadir import FSTYPE, DataDir, MountLock
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
@@ -36,15 +37,6 @@ from tierfs.meta.store import MetaStore
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = "TIERFS_READY_FD"
-CRASH_POINT_ENV = "TIERFS_CRASH_POINT"
-
-
-def crash_point(name: str) -> None:
-    """Die like `kill -9` here when TIERFS_CRASH_POINT names this point (crash tests)."""
-    if os.environ.get(CRASH_POINT_ENV) == name:
-        log.warning("crash point %s reached: killing the daemon", name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -109,7 +101,9 @@ def fuse_options(data_dir: DataDir, config: config_mod.Config, extra: list[str])
 
 
 def open_daemon(data_dir: DataDir, mountpoint: Path, config: config_mod.Config) -> Daemon:
-    store = MetaStore.open(data_dir.meta, preallocate_bytes=config.get("metadata", "preallocate_mb") << 20)
+    store = MetaStore.open(
+        data_dir.meta, preallocate_bytes=config.get("metadata", "preallocate_mb") << 20
+    )
     staging = Staging(data_dir.staging, config.get("staging", "reserve_mb") << 20)
     ns = Namespace(store, staging, config.get("mount", "atime"))
     recover(ns)
@@ -147,7 +141,9 @@ def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: boo
         try:
             pyfuse3.init(daemon.ops, str(mountpoint), opts)
         except RuntimeError as exc:
-            raise TierfsError(f"{mountpoint}: FUSE mount failed: {exc}", ExitCode.MOUNT_FAILED) from None
+            raise TierfsError(
+                f"{mountpoint}: FUSE mount failed: {exc}", ExitCode.MOUNT_FAILED
+            ) from None
         mounted = True
         data_dir.pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s at %s (options %s)", data_dir.root, mountpoint, ",".join(sorted(opts)))
@@ -166,11 +162,15 @@ def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: boo
 
 async def _serve(daemon: Daemon, ready_fd: int) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(control.serve, daemon.data_dir.control_socket, {
-            "status": daemon.handle_status,
-            "sync": daemon.handle_sync,
-            "ping": daemon.handle_ping,
-        })
+        await nursery.start(
+            control.serve,
+            daemon.data_dir.control_socket,
+            {
+                "status": daemon.handle_status,
+                "sync": daemon.handle_sync,
+                "ping": daemon.handle_ping,
+            },
+        )
         nursery.start_soon(daemon.durability.run)
         nursery.start_soon(_signals)
         if ready_fd >= 0:
@@ -192,6 +192,7 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
     """Make everything durable, unmount if still mounted, and close the index."""
     if daemon is not None:
         try:
+            crash_point("shutdown-before-final-commit")
             daemon.ns.staging.take_sync_work().run()
             mark_clean(daemon.ns) if not daemon.ops.handles else None
             daemon.durability.commit()
@@ -211,7 +212,9 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
 def _check_mountpoint(mountpoint: Path) -> None:
     try:
         if not mountpoint.is_dir():
-            raise TierfsError(f"{mountpoint}: mount point is not a directory", ExitCode.MOUNT_FAILED)
+            raise TierfsError(
+                f"{mountpoint}: mount point is not a directory", ExitCode.MOUNT_FAILED
+            )
     except OSError as exc:
         raise TierfsError(
             f"{mountpoint}: unusable mount point ({exc.strerror}); a dead mount? "

@@ -76,7 +76,8 @@ class DataDir:
             raise TierfsError(f"{self.root}: no such directory", ExitCode.NOT_A_FILESYSTEM)
         if not self.config.exists():
             raise TierfsError(
-                f"{self.root}: not a tierfs data directory (no tierfs.toml)", ExitCode.NOT_A_FILESYSTEM
+                f"{self.root}: not a tierfs data directory (no tierfs.toml)",
+                ExitCode.NOT_A_FILESYSTEM,
             )
         return self
 
@@ -100,7 +101,8 @@ class MountLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise TierfsError(
-                    f"{self.data_dir.root}: already in use by a running tierfs (mounted?)", ExitCode.BUSY
+                    f"{self.data_dir.root}: already in use by a running tierfs (mounted?)",
+                    ExitCode.BUSY,
                 ) from None
             raise
         self.fd = fd

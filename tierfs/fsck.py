@@ -112,7 +112,7 @@ class Checker:
         stack = [schema.ROOT_INO]
         while stack:
             parent = stack.pop()
-            for name, child, _ in self.entries.get(parent, []):
+            for _name, child, _ in self.entries.get(parent, []):
                 inode = self.inodes[child]
                 if inode.is_dir:
                     if child in seen:
@@ -131,7 +131,10 @@ class Checker:
         for ino, inode in self.inodes.items():
             if ino in seen or ino in orphans:
                 continue
-            if self._fix(f"inode {ino}: not reachable from the root", "moved to the orphan list (removed at mount)"):
+            if self._fix(
+                f"inode {ino}: not reachable from the root",
+                "moved to the orphan list (removed at mount)",
+            ):
                 inode.nlink = 0
                 self.store.put_inode(self.tx, inode)
                 self.tx.put(schema.ino_key(ino), b"", db=self.store.orphans)
@@ -146,11 +149,18 @@ class Checker:
                     subdirs[parent] = subdirs.get(parent, 0) + 1
         for ino, inode in self.inodes.items():
             if inode.is_dir:
-                expected = 2 + subdirs.get(ino, 0) if (ino == schema.ROOT_INO or links.get(ino)) else 0
+                expected = (
+                    2 + subdirs.get(ino, 0) if (ino == schema.ROOT_INO or links.get(ino)) else 0
+                )
             else:
                 expected = links.get(ino, 0)
-            if inode.nlink != expected and expected > 0 and self._fix(
-                f"inode {ino}: link count {inode.nlink}, expected {expected}", "link count corrected"
+            if (
+                inode.nlink != expected
+                and expected > 0
+                and self._fix(
+                    f"inode {ino}: link count {inode.nlink}, expected {expected}",
+                    "link count corrected",
+                )
             ):
                 inode.nlink = expected
                 self.store.put_inode(self.tx, inode)
@@ -191,7 +201,10 @@ class Checker:
                 if self._fix(f"{what} of missing inode {schema.key_ino(key)}", "record removed"):
                     self.tx.delete(key, db=db)
         for ino, inode in self.inodes.items():
-            if inode.is_symlink and self.tx.get(schema.ino_key(ino), db=self.store.symlinks) is None:
+            if (
+                inode.is_symlink
+                and self.tx.get(schema.ino_key(ino), db=self.store.symlinks) is None
+            ):
                 self.result.add(f"symlink {ino} has no target")
 
     def _check_staging_files(self) -> None:
@@ -205,4 +218,3 @@ class Checker:
 
 def check(store: MetaStore, staging: Staging, repair: bool) -> FsckResult:
     return Checker(store, staging, repair).run()
-

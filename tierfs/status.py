@@ -17,7 +17,9 @@ STATUS_SCHEMA_VERSION = "1.0"
 TIERS = ("staging", "hot", "cold", "regional", "cloud")
 
 
-def collect(data_dir: DataDir, store: MetaStore, tx: Any, mounted: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def collect(
+    data_dir: DataDir, store: MetaStore, tx: Any, mounted: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The status document from a consistent view of the index (`tx`)."""
     info = store.info(tx)
     files = dirs = logical = 0
@@ -86,11 +88,12 @@ def render_table(doc: dict[str, Any]) -> str:
     ]
     for name in TIERS:
         lines.append(f"{name:<10} {_human(doc['tiers'][name]['bytes']):>12}")
+    chunks, snaps = doc["chunks"], doc["snapshots"]
     lines += [
         "",
-        f"chunks          {doc['chunks']['count']:,} ({_human(doc['chunks']['stored_bytes'])} stored)",
+        f"chunks          {chunks['count']:,} ({_human(chunks['stored_bytes'])} stored)",
         f"upload queue    {_human(doc['queue']['pending_bytes'])}",
-        f"snapshots       {doc['snapshots']['count']} (latest: {doc['snapshots']['latest'] or '-'})",
+        f"snapshots       {snaps['count']} (latest: {snaps['latest'] or '-'})",
         "errors          " + ", ".join(f"{k}={v}" for k, v in doc["errors"].items()),
     ]
     return "\n".join(lines)

@@ -42,7 +42,9 @@ def fsck(data_dir: Path, repair: bool) -> None:
     finally:
         lock.release()
     for f in result.findings:
-        suffix = f" -> {f.repair}" if f.repaired else (f" (--repair: {f.repair})" if f.repair else "")
+        suffix = (
+            f" -> {f.repair}" if f.repaired else (f" (--repair: {f.repair})" if f.repair else "")
+        )
         click.echo(f"{'repaired' if f.repaired else 'problem'}: {f.problem}{suffix}")
     unrepaired = [f for f in result.findings if not f.repaired]
     click.echo(

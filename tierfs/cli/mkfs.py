@@ -51,5 +51,7 @@ def mkfs(data_dir: Path, site: str | None, force: bool) -> None:
         store.close()
         config.write(dd.root, cfg)
     except OSError as exc:
-        raise TierfsError(f"{dd.root}: cannot create filesystem: {exc.strerror}", ExitCode.IO) from None
+        raise TierfsError(
+            f"{dd.root}: cannot create filesystem: {exc.strerror}", ExitCode.IO
+        ) from None
     click.echo(f"created tierfs filesystem {info['uuid']} for site {cfg.site!r} in {dd.root}")

@@ -27,7 +27,10 @@ def _split_options(options: tuple[str, ...]) -> list[str]:
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd).")
 @click.option(
-    "-o", "options", multiple=True, metavar="OPT[,OPT...]",
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPT[,OPT...]",
     help="FUSE mount options, passed through (noallow_other: private mount when root).",
 )
 def mount(data_dir: Path, mountpoint: Path, foreground: bool, options: tuple[str, ...]) -> None:
@@ -66,8 +69,14 @@ def _start_background(dd: DataDir, mnt: Path, opts: list[str]) -> None:
     dd.log_dir.mkdir(parents=True, exist_ok=True)
     with open(dd.log_dir / "daemon.stderr", "ab") as errlog:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, env=env,
-            pass_fds=(write_fd,), start_new_session=True, cwd="/",
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=errlog,
+            stderr=errlog,
+            env=env,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
         )
     os.close(write_fd)
     try:
@@ -93,7 +102,9 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
         left = deadline - time.monotonic()
         if left <= 0:
             proc.kill()
-            raise TierfsError(f"mount did not become ready within {READY_TIMEOUT:g}s", ExitCode.TIMEOUT)
+            raise TierfsError(
+                f"mount did not become ready within {READY_TIMEOUT:g}s", ExitCode.TIMEOUT
+            )
         ready, _, _ = select.select([fd], [], [], min(left, 1.0))
         if ready:
             chunk = os.read(fd, 4096)
@@ -106,7 +117,9 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit."
+)
 def umount(mountpoint: Path, timeout: float) -> None:
     """Unmount the tierfs at MOUNTPOINT.
 
@@ -130,7 +143,9 @@ def umount(mountpoint: Path, timeout: float) -> None:
     except TierfsError as exc:
         if exc.exit_code != ExitCode.NOT_MOUNTED:
             raise
-        click.echo(f"tierfs: warning: daemon not reachable ({exc.message}); unmounting anyway", err=True)
+        click.echo(
+            f"tierfs: warning: daemon not reachable ({exc.message}); unmounting anyway", err=True
+        )
     result = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
@@ -139,6 +154,8 @@ def umount(mountpoint: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while is_locked(dd):
         if time.monotonic() > deadline:
-            raise TierfsError(f"daemon of {dd.root} did not exit within {timeout:g}s", ExitCode.TIMEOUT)
+            raise TierfsError(
+                f"daemon of {dd.root} did not exit within {timeout:g}s", ExitCode.TIMEOUT
+            )
         time.sleep(0.05)
     click.echo(f"unmounted {mnt}")

@@ -7,6 +7,7 @@ import time
 
 import trio
 
+from tierfs.crashpoints import crash_point
 from tierfs.fs.namespace import Namespace
 from tierfs.meta.store import MetaStore
 
@@ -37,15 +38,19 @@ class Durability:
     def commit(self) -> None:
         """Fold staged ranges into the group and commit it (trio thread, no await)."""
         self.ns.persist_staging_ranges()
+        crash_point("commit-before")
         self.store.commit()
+        crash_point("commit-after")
         self._last_commit = time.monotonic()
 
     async def sync(self, ino: int | None) -> None:
         """Make one inode's data (or all staged data) and all metadata durable."""
         work = self.ns.staging.take_sync_work(ino)
         await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
+        crash_point("fsync-after-data")
         self.commit()
         await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
+        crash_point("fsync-after-commit")
         self.fsyncs += 1
 
     async def run(self) -> None:

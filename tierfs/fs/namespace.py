@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from tierfs.crashpoints import crash_point
 from tierfs.fs.ranges import RangeSet
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
@@ -115,7 +116,13 @@ class Namespace:
     # -- creating entries -------------------------------------------------------------------
 
     def create_node(
-        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
         target: bytes | None = None,
     ) -> Inode:
         """mknod/mkdir/symlink/create: a new inode linked at parent/name."""
@@ -137,7 +144,16 @@ class Namespace:
             if dir_inode.mode & stat.S_ISGID:
                 gid = dir_inode.gid
             inode = Inode(
-                ino, mode, uid, gid, 2 if is_dir else 1, 0, now, now, now, rdev,
+                ino,
+                mode,
+                uid,
+                gid,
+                2 if is_dir else 1,
+                0,
+                now,
+                now,
+                now,
+                rdev,
                 parent if is_dir else 0,
             )
             if target is not None:
@@ -196,6 +212,8 @@ class Namespace:
             self._drop_link(tx, inode, now)
             dir_inode.mtime_ns = dir_inode.ctime_ns = now
             self.store.put_inode(tx, dir_inode)
+        if child in self.opens:
+            crash_point("unlink-open-after")
         self._delete_if_unused(child)
 
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -224,10 +242,15 @@ class Namespace:
             self.store.put_inode(tx, dir_inode)
         self._delete_if_unused(child)
 
-    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
         _check_name(old_name)
         _check_name(new_name)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if (
+            flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)
+            or flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise FsError(errno.EINVAL)
         replaced: int | None = None
         with self.store.op() as tx:
@@ -242,7 +265,9 @@ class Namespace:
             if flags & RENAME_EXCHANGE:
                 if dst_ino is None:
                     raise FsError(errno.ENOENT)
-                self._exchange(tx, src, src_dir, old_name, self.inode(dst_ino, tx), dst_dir, new_name, now)
+                self._exchange(
+                    tx, src, src_dir, old_name, self.inode(dst_ino, tx), dst_dir, new_name, now
+                )
                 return
             if dst_ino is not None and flags & RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
@@ -266,10 +291,13 @@ class Namespace:
             for d in {id(src_dir): src_dir, id(dst_dir): dst_dir}.values():
                 d.mtime_ns = d.ctime_ns = now
                 self.store.put_inode(tx, d)
+        crash_point("rename-after")
         if replaced is not None:
             self._delete_if_unused(replaced)
 
-    def _replace_target(self, tx: Any, src: Inode, dst: Inode, dst_dir: Inode, name: bytes, now: int) -> None:
+    def _replace_target(
+        self, tx: Any, src: Inode, dst: Inode, dst_dir: Inode, name: bytes, now: int
+    ) -> None:
         if src.is_dir:
             if not dst.is_dir:
                 raise FsError(errno.ENOTDIR)
@@ -288,7 +316,14 @@ class Namespace:
             self._drop_link(tx, dst, now)
 
     def _exchange(
-        self, tx: Any, a: Inode, a_dir: Inode, a_name: bytes, b: Inode, b_dir: Inode, b_name: bytes,
+        self,
+        tx: Any,
+        a: Inode,
+        a_dir: Inode,
+        a_name: bytes,
+        b: Inode,
+        b_dir: Inode,
+        b_name: bytes,
         now: int,
     ) -> None:
         if a.ino == b.ino:
@@ -409,8 +444,15 @@ class Namespace:
     # -- attributes ----------------------------------------------------------------------------
 
     def setattr(
-        self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
-        size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
     ) -> Inode:
         now = time.time_ns()
         with self.store.op() as tx:
@@ -423,15 +465,10 @@ class Namespace:
                 self._truncate(inode, size, now)
             if mode is not None:
                 inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
-            if uid is not None or gid is not None:
-                if inode.is_reg and (uid is not None and uid != inode.uid or gid is not None):
-                    inode.mode &= ~stat.S_ISUID
-                    if inode.mode & stat.S_IXGRP:
-                        inode.mode &= ~stat.S_ISGID
-                if uid is not None:
-                    inode.uid = uid
-                if gid is not None:
-                    inode.gid = gid
+            if uid is not None:
+                inode.uid = uid
+            if gid is not None:
+                inode.gid = gid
             if atime_ns is not None:
                 inode.atime_ns = atime_ns
             if mtime_ns is not None:
@@ -479,15 +516,12 @@ class Namespace:
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         written = self.staging.write(ino, offset, data)
+        crash_point("write-after-staging")
         now = time.time_ns()
         with self.store.op() as tx:
             inode = self.inode(ino, tx)
             inode.size = max(inode.size, offset + written)
             inode.mtime_ns = inode.ctime_ns = now
-            if inode.mode & (stat.S_ISUID | stat.S_ISGID):
-                inode.mode &= ~stat.S_ISUID
-                if inode.mode & stat.S_IXGRP:
-                    inode.mode &= ~stat.S_ISGID
             self.store.put_inode(tx, inode)
         return written
 

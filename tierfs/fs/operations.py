@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -28,7 +28,7 @@ R = TypeVar("R")
 BLOCK_SIZE = 4096
 
 
-def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Map FsError and OSError to FUSEError; log anything unexpected as an EIO."""
 
     @functools.wraps(fn)
@@ -119,7 +119,11 @@ class TierfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: Any,
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: Any,
         ctx: Any,
     ) -> pyfuse3.EntryAttributes:
         updated = self.ns.setattr(
@@ -140,21 +144,31 @@ class TierfsOperations(pyfuse3.Operations):
         return self.ns.readlink(inode)
 
     @fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         return self.attrs(self.ns.create_node(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFDIR | stat.S_IMODE(mode)
         return self.attrs(self.ns.create_node(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        inode = self.ns.create_node(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target)
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        inode = self.ns.create_node(
+            parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target
+        )
         return self.attrs(inode)
 
     @fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         return self.attrs(self.ns.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
@@ -167,8 +181,13 @@ class TierfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: Any,
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
     ) -> None:
         self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 

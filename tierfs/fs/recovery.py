@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from tierfs.crashpoints import crash_point
 from tierfs.fs.namespace import Namespace
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta import schema
@@ -40,6 +41,7 @@ def recover(ns: Namespace) -> RecoveryReport:
     report = RecoveryReport()
     report.was_clean = store.tx.get(K_CLEAN, db=store.meta) != b"0"
     report.orphans = _remove_orphans(ns)
+    crash_point("recovery-after-orphans")
     if not report.was_clean:
         report.stray_staging = _remove_stray_staging(ns)
         report.trimmed_ranges = _trim_ranges(ns)

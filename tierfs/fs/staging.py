@@ -197,7 +197,6 @@ class Staging:
         self._users.clear()
 
 
-
 class SyncWork:
     """fsyncs of staging files and their directories, owned fds included (worker thread)."""
 

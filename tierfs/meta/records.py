@@ -87,5 +87,6 @@ def decode_ranges(data: bytes) -> list[tuple[int, int]]:
     if not data or data[0] != RANGES_VERSION:
         raise TierfsError("staging range record has an unknown version", ExitCode.VERSION)
     return [
-        (int(a), int(b)) for a, b in (_RANGE.unpack_from(data, 1 + i * 16) for i in range((len(data) - 1) // 16))
+        (int(a), int(b))
+        for a, b in (_RANGE.unpack_from(data, 1 + i * 16) for i in range((len(data) - 1) // 16))
     ]

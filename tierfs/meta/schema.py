@@ -21,7 +21,16 @@ DB_SYMLINKS = b"symlinks"  # ino(8) -> target
 DB_STAGING = b"staging"  # ino(8) -> staged ranges (records.encode_ranges)
 DB_ORPHANS = b"orphans"  # ino(8) -> b"" : nlink 0 but still open when last committed
 
-ALL_DBS = (DB_META, DB_INODES, DB_DIRENTS, DB_COOKIES, DB_XATTRS, DB_SYMLINKS, DB_STAGING, DB_ORPHANS)
+ALL_DBS = (
+    DB_META,
+    DB_INODES,
+    DB_DIRENTS,
+    DB_COOKIES,
+    DB_XATTRS,
+    DB_SYMLINKS,
+    DB_STAGING,
+    DB_ORPHANS,
+)
 
 # Keys of DB_META.
 K_MAGIC = b"magic"

@@ -81,7 +81,11 @@ class MetaStore:
         with store.op() as tx:
             put = tx.put
             put(schema.K_MAGIC, schema.MAGIC, db=store.meta)
-            put(schema.K_SCHEMA, _SCHEMA.pack(schema.SCHEMA_MAJOR, schema.SCHEMA_MINOR), db=store.meta)
+            put(
+                schema.K_SCHEMA,
+                _SCHEMA.pack(schema.SCHEMA_MAJOR, schema.SCHEMA_MINOR),
+                db=store.meta,
+            )
             put(schema.K_UUID, uuid.uuid4().bytes, db=store.meta)
             put(schema.K_FEATURES, ",".join(schema.FEATURES).encode(), db=store.meta)
             put(schema.K_CREATED, _I64.pack(now), db=store.meta)
@@ -95,7 +99,9 @@ class MetaStore:
         return store
 
     @classmethod
-    def open(cls, path: Path, readonly: bool = False, preallocate_bytes: int = 64 << 20) -> MetaStore:
+    def open(
+        cls, path: Path, readonly: bool = False, preallocate_bytes: int = 64 << 20
+    ) -> MetaStore:
         """Open an existing index; refuse one of an unknown newer schema."""
         if not (path / "data.mdb").exists():
             raise TierfsError(f"{path}: no metadata index here", ExitCode.NOT_A_FILESYSTEM)
@@ -108,7 +114,9 @@ class MetaStore:
             store = cls(env, readonly=readonly, preallocate_bytes=preallocate_bytes)
         except lmdb.Error as exc:
             env.close()
-            raise TierfsError(f"{path}: metadata index is incomplete ({exc})", ExitCode.NOT_A_FILESYSTEM) from None
+            raise TierfsError(
+                f"{path}: metadata index is incomplete ({exc})", ExitCode.NOT_A_FILESYSTEM
+            ) from None
         store._check_version(path)
         return store
 

@@ -1,0 +1,65 @@
+"""Unit tests of the small building blocks: range sets, record codecs, the config schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tierfs import config
+from tierfs.errors import ExitCode, TierfsError
+from tierfs.fs.ranges import RangeSet
+from tierfs.meta.records import Inode, decode_ranges, encode_ranges
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 200), st.integers(0, 60)),
+        st.tuples(st.just("truncate"), st.integers(0, 260), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@given(ops)
+def test_rangeset_matches_a_set_of_offsets(operations: list[tuple[str, int, int]]) -> None:
+    ranges = RangeSet()
+    model: set[int] = set()
+    for kind, a, b in operations:
+        if kind == "add":
+            ranges.add(a, a + b)
+            model |= set(range(a, a + b))
+        else:
+            ranges.truncate(a)
+            model = {x for x in model if x < a}
+    covered = {x for s, e in ranges.as_list() for x in range(s, e)}
+    assert covered == model
+    pairs = ranges.as_list()
+    assert all(s < e for s, e in pairs)
+    assert all(pairs[i][1] < pairs[i + 1][0] for i in range(len(pairs) - 1)), "not merged"
+    assert decode_ranges(encode_ranges(pairs)) == pairs
+    assert ranges.total() == len(model)
+
+
+def test_inode_record_round_trip_and_unknown_version() -> None:
+    inode = Inode(7, 0o100644, 1, 2, 3, 5 << 32, -1, 2, 3, 4, 0)
+    assert Inode.decode(7, inode.encode()) == inode
+    with pytest.raises(TierfsError) as exc:
+        Inode.decode(7, b"\x09" + inode.encode()[1:])
+    assert exc.value.exit_code == ExitCode.VERSION
+
+
+def test_config_round_trip_and_errors(tmp_path: Path) -> None:
+    cfg = config.defaults("store-042")
+    config.write(tmp_path, cfg)
+    assert config.load(tmp_path) == cfg
+    bad = {"mount": {"atime": "always"}}
+    with pytest.raises(TierfsError, match=r"mount\.atime") as exc:
+        config.parse(bad, "x")
+    assert exc.value.exit_code == ExitCode.CONFIG
+    with pytest.raises(TierfsError) as exc:
+        config.parse({"format_version": 2}, "x")
+    assert exc.value.exit_code == ExitCode.VERSION
+    with pytest.raises(TierfsError, match="must be >="):
+        config.parse({"metadata": {"commit_interval": 0}}, "x")
