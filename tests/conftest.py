@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -73,6 +74,7 @@ class Mount:
     data: Path
     mnt: Path
     env: dict[str, str] = field(default_factory=lambda: os.environ.copy())
+    sealing: bool = False
 
     def mount(self, *options: str) -> None:
         args: list[str | Path] = ["mount", self.data, self.mnt]
@@ -102,6 +104,16 @@ class Mount:
         self.mount()
 
 
+def assert_mostly_sealed(m: Mount) -> None:
+    """With the aggressive policy, most file data must have gone through the sealer."""
+    if not m.sealing:
+        return
+    doc = json.loads(run_cli("status", m.mnt, "--json").stdout)
+    sealed = doc["chunks"]["referenced_bytes"]
+    staged = doc["tiers"]["staging"]["staged_bytes"]
+    assert sealed > 0 and sealed >= staged, f"{sealed} bytes sealed, {staged} still staged"
+
+
 def wait_for_exit(pid: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,6 +140,38 @@ def force_unmount(mnt: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
+def configure(data: Path, **settings: object) -> None:
+    """Change settings in DATA/tierfs.toml: configure(d, seal__quiet_period=0.0)."""
+    path = data / "tierfs.toml"
+    lines = path.read_text().splitlines()
+    for name, value in settings.items():
+        section, key = name.split("__")
+        current, done = None, False
+        for i, line in enumerate(lines):
+            if line.startswith("["):
+                current = line.strip("[]")
+            elif current == section and line.startswith(f"{key} = "):
+                lines[i] = f"{key} = {_toml(value)}"
+                done = True
+        assert done, f"no setting {section}.{key}"
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+AGGRESSIVE_SEAL = {
+    "seal__quiet_period": 0.0,
+    "seal__max_dirty_age": 0.2,
+    "seal__batch_mb": 8,
+}
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     data = tmp_path / "data"
@@ -136,18 +180,48 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fs(tmp_path: Path, data_dir: Path) -> Iterator[Mount]:
-    """A mounted tierfs; always unmounted afterwards, even when the test fails or kills it."""
+def sealing_data_dir(data_dir: Path) -> Path:
+    """A data directory whose sealer seals everything almost as soon as it is written."""
+    configure(data_dir, **AGGRESSIVE_SEAL)
+    return data_dir
+
+
+@contextlib.contextmanager
+def mounted(tmp_path: Path, data: Path) -> Iterator[Mount]:
+    """Mount `data`; always unmount afterwards, even when the test fails or kills it."""
     if not fuse_available():
         pytest.skip(FUSE_REASON)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    m = Mount(data_dir, mnt)
+    mnt.mkdir(exist_ok=True)
+    m = Mount(data, mnt)
     m.mount()
     try:
         yield m
     finally:
         cleanup_mount(m)
+
+
+@pytest.fixture
+def fs(tmp_path: Path, data_dir: Path) -> Iterator[Mount]:
+    """A mounted tierfs with the default settings."""
+    with mounted(tmp_path, data_dir) as m:
+        yield m
+
+
+@pytest.fixture(params=["default", "sealing"])
+def any_fs(request: pytest.FixtureRequest, tmp_path: Path, data_dir: Path) -> Iterator[Mount]:
+    """Mounted twice over: with the default seal policy, and sealing almost at once."""
+    if request.param == "sealing":
+        configure(data_dir, **AGGRESSIVE_SEAL)
+    with mounted(tmp_path, data_dir) as m:
+        m.sealing = request.param == "sealing"
+        yield m
+
+
+@pytest.fixture
+def sealing_fs(tmp_path: Path, sealing_data_dir: Path) -> Iterator[Mount]:
+    with mounted(tmp_path, sealing_data_dir) as m:
+        yield m
 
 
 def cleanup_mount(m: Mount) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import time
 from pathlib import Path
 
-from tests.conftest import Mount
+from tests.conftest import Mount, assert_mostly_sealed
 
 SEED = 4242
 OPS = 10_000
@@ -75,9 +76,12 @@ class Fsx:
         os.close(self.fd)
 
 
-def test_fsx_single_file(fs: Mount) -> None:
+def test_fsx_single_file(any_fs: Mount) -> None:
+    fs = any_fs
     fsx = Fsx(fs.mnt / "fsx.bin", random.Random(SEED))
     fsx.run(OPS)
+    time.sleep(1)
+    assert_mostly_sealed(fs)
     assert (fs.mnt / "fsx.bin").read_bytes() == bytes(fsx.model), f"seed {SEED}, final content"
     fs.remount()
     assert (fs.mnt / "fsx.bin").read_bytes() == bytes(fsx.model), f"seed {SEED}, after remount"

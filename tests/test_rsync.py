@@ -6,11 +6,12 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount
+from tests.conftest import Mount, assert_mostly_sealed
 
 SEED = 20261126
 NAMES = ["a", "b c", "ünï cødé", "x" * 120, "-dash", ".hidden", "日本語", "tab\tname"]
@@ -68,12 +69,15 @@ def rsync_differences(src: Path, dst: Path) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
-def test_rsync_round_trip(fs: Mount, tmp_path: Path) -> None:
+def test_rsync_round_trip(any_fs: Mount, tmp_path: Path) -> None:
+    fs = any_fs
     src = tmp_path / "src"
     src.mkdir()
     build_tree(src, random.Random(SEED), max_file=64 << 20)
     subprocess.run(["rsync", "-aHAX", f"{src}/", f"{fs.mnt}/"], check=True, capture_output=True)
     assert rsync_differences(src, fs.mnt) == [], f"seed {SEED}"
+    time.sleep(1)
+    assert_mostly_sealed(fs)
     fs.remount()
     assert rsync_differences(src, fs.mnt) == [], f"seed {SEED}, after remount"
     result = subprocess.run(

@@ -29,11 +29,17 @@ class Setting:
     default: Any
     doc: str
     minimum: float | None = None
+    default_doc: str | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "site", "name", str, "", "Site name, unique within the dedup domain (default: host name)."
+        "site",
+        "name",
+        str,
+        "",
+        "Site name, unique within the dedup domain.",
+        default_doc="the host name",
     ),
     Setting(
         "mount",
@@ -89,6 +95,64 @@ SETTINGS: tuple[Setting, ...] = (
         0,
     ),
     Setting(
+        "seal",
+        "quiet_period",
+        float,
+        2.0,
+        "Seconds a closed file stays quiet before its staged data is sealed into chunks.",
+        0.0,
+    ),
+    Setting(
+        "seal",
+        "max_dirty_age",
+        float,
+        300.0,
+        "Seconds after which staged data is sealed even while its file is still open.",
+        0.0,
+    ),
+    Setting(
+        "seal",
+        "staging_high_mb",
+        int,
+        1024,
+        "Staged data above this size is sealed at once, oldest first.",
+        0,
+    ),
+    Setting("seal", "batch_mb", int, 64, "Staged data sealed per round (bounds memory use).", 1),
+    Setting(
+        "seal",
+        "zstd_level",
+        int,
+        3,
+        "zstd level for chunks (0 stores them raw; chunks that do not shrink are stored raw).",
+        0,
+    ),
+    Setting(
+        "seal",
+        "fixed_chunking_patterns",
+        str,
+        "*.db,*.sqlite,*.qcow2,*.img,*.vmdk,*.vdi",
+        "File names (comma-separated globs) cut into fixed-size blocks instead of FastCDC:\n"
+        "# files rewritten in place, such as databases and VM images.",
+    ),
+    Setting("hot", "segment_mb", int, 64, "Size at which a hot-tier segment file is closed.", 1),
+    Setting(
+        "hot",
+        "max_mb",
+        int,
+        0,
+        "Largest hot tier (chunk segments) in MiB; 0 means bounded by the disk only.",
+        0,
+    ),
+    Setting(
+        "cache",
+        "chunk_cache_mb",
+        int,
+        128,
+        "Memory for decompressed chunks, so that small reads do not decompress a chunk twice.",
+        1,
+    ),
+    Setting(
         "log",
         "level",
         str,
@@ -137,7 +201,8 @@ def render(config: Config) -> str:
             section = setting.section
             lines += ["", f"[{section}]"]
         value = config.get(setting.section, setting.key)
-        lines.append(f"# {setting.doc} Default: {_toml_value(setting.default)}")
+        default = setting.default_doc or _toml_value(setting.default)
+        lines.append(f"# {setting.doc} Default: {default}")
         lines.append(f"{setting.key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,13 @@ import trio
 from tierfs import config as config_mod
 from tierfs import control, status
 from tierfs.crashpoints import crash_point
+from tierfs.data import domain as domain_mod
+from tierfs.data.cache import ChunkCache
+from tierfs.data.chunker import Chunker
+from tierfs.data.chunkstore import ChunkIndex
+from tierfs.data.extents import ExtentMap
+from tierfs.data.reader import FileReader
+from tierfs.data.sealer import Sealer, SealPolicy
 from tierfs.datadir import FSTYPE, DataDir, MountLock
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
@@ -33,6 +40,7 @@ from tierfs.fs.operations import TierfsOperations
 from tierfs.fs.recovery import mark_clean, recover
 from tierfs.fs.staging import Staging
 from tierfs.meta.store import MetaStore
+from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,9 @@ class Daemon:
     ns: Namespace
     durability: Durability
     ops: TierfsOperations
+    hot: HotStore
+    reader: FileReader
+    sealer: Sealer
 
     async def handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
         self.durability.commit()
@@ -56,11 +67,31 @@ class Daemon:
             "pid": os.getpid(),
             "metadata": {"commits": self.store.commits, "fsyncs": self.durability.fsyncs},
             "open_files": len(self.ops.handles),
+            "errors": {
+                "checksum": self.reader.checksum_errors,
+                "io": self.reader.io_errors,
+                "seal": self.sealer.failures,
+            },
+            "seal": {"rounds": self.sealer.rounds, "sealed_bytes": self.sealer.sealed_bytes},
+            "cache": {
+                "bytes": self.reader.cache.bytes,
+                "hits": self.reader.cache.hits,
+                "misses": self.reader.cache.misses,
+            },
         }
-        return {"status": status.collect(self.data_dir, self.store, self.store.tx, True, extra)}
+        doc = status.collect(self.data_dir, self.store, self.store.tx, True, extra)
+        return {"status": doc}
 
     async def handle_sync(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.durability.sync(None)
+        return {}
+
+    async def handle_flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self.sealer.flush()
+        return {"sealed_bytes": self.sealer.sealed_bytes}
+
+    async def handle_drop_cache(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.reader.cache.drop()
         return {}
 
     async def handle_ping(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -100,44 +131,69 @@ def fuse_options(data_dir: DataDir, config: config_mod.Config, extra: list[str])
     return options
 
 
-def open_daemon(data_dir: DataDir, mountpoint: Path, config: config_mod.Config) -> Daemon:
+def open_daemon(
+    data_dir: DataDir, mountpoint: Path, config: config_mod.Config, atime: str
+) -> Daemon:
     store = MetaStore.open(
         data_dir.meta, preallocate_bytes=config.get("metadata", "preallocate_mb") << 20
     )
+    domain = domain_mod.load(data_dir.domain)
     staging = Staging(data_dir.staging, config.get("staging", "reserve_mb") << 20)
-    ns = Namespace(store, staging, config.get("mount", "atime"))
-    recover(ns)
+    chunks = ChunkIndex(store)
+    extents = ExtentMap(store, chunks)
+    hot = HotStore(data_dir.hot, config.get("hot", "segment_mb") << 20)
+    patterns = tuple(p.strip() for p in config.get("seal", "fixed_chunking_patterns").split(","))
+    ns = Namespace(store, staging, extents, atime, tuple(p for p in patterns if p))
+    recover(ns, hot, chunks)
+    io_limiter = trio.CapacityLimiter(4)
+    cpu_limiter = trio.CapacityLimiter(2)
     durability = Durability(
         ns,
         store,
         config.get("metadata", "commit_interval"),
         config.get("metadata", "max_batch_ops"),
-        trio.CapacityLimiter(4),
+        io_limiter,
+    )
+    cache = ChunkCache(config.get("cache", "chunk_cache_mb") << 20)
+    reader = FileReader(ns, chunks, extents, hot, cache, cpu_limiter)
+    policy = SealPolicy(
+        quiet_period=config.get("seal", "quiet_period"),
+        max_dirty_age=config.get("seal", "max_dirty_age"),
+        staging_high_bytes=config.get("seal", "staging_high_mb") << 20,
+        batch_bytes=config.get("seal", "batch_mb") << 20,
+        zstd_level=config.get("seal", "zstd_level"),
+        hot_max_bytes=config.get("hot", "max_mb") << 20,
+    )
+    sealer = Sealer(
+        ns, chunks, extents, hot, Chunker(domain), durability, policy, cpu_limiter, io_limiter
     )
     ops = TierfsOperations(
         ns,
+        reader,
         durability,
         str(data_dir.root),
         config.get("mount", "attr_timeout"),
         config.get("mount", "entry_timeout"),
+        config.get("staging", "reserve_mb") << 20,
     )
-    return Daemon(data_dir, mountpoint, config, store, ns, durability, ops)
+    return Daemon(data_dir, mountpoint, config, store, ns, durability, ops, hot, reader, sealer)
 
 
 def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: bool) -> None:
     """Mount and serve until unmounted or signalled. Raises TierfsError before ready."""
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
     lock = MountLock(data_dir)
-    lock.acquire()
     mounted = False
     daemon: Daemon | None = None
     try:
+        lock.acquire()
         config = config_mod.load(data_dir.root)
         to_stderr = foreground and ready_fd < 0
         setup_logging(data_dir, config.get("log", "level"), to_stderr, config.site)
         _check_mountpoint(mountpoint)
-        daemon = open_daemon(data_dir, mountpoint, config)
         opts = fuse_options(data_dir, config, options)
+        atime = "noatime" if "noatime" in opts else config.get("mount", "atime")
+        daemon = open_daemon(data_dir, mountpoint, config, atime)
         try:
             pyfuse3.init(daemon.ops, str(mountpoint), opts)
         except RuntimeError as exc:
@@ -149,8 +205,15 @@ def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: boo
         log.info("mounted %s at %s (options %s)", data_dir.root, mountpoint, ",".join(sorted(opts)))
         trio.run(_serve, daemon, ready_fd)
     except TierfsError as exc:
+        log.error("mount failed: %s", exc.message)
         if ready_fd >= 0:
             _report(ready_fd, f"ERR {int(exc.exit_code)} {exc.message}")
+            ready_fd = -1
+        raise
+    except Exception as exc:
+        log.exception("daemon failed")
+        if ready_fd >= 0:
+            _report(ready_fd, f"ERR {int(ExitCode.INTERNAL)} internal error: {exc!r}")
             ready_fd = -1
         raise
     finally:
@@ -168,10 +231,13 @@ async def _serve(daemon: Daemon, ready_fd: int) -> None:
             {
                 "status": daemon.handle_status,
                 "sync": daemon.handle_sync,
+                "flush": daemon.handle_flush,
+                "drop_cache": daemon.handle_drop_cache,
                 "ping": daemon.handle_ping,
             },
         )
         nursery.start_soon(daemon.durability.run)
+        nursery.start_soon(daemon.sealer.run)
         nursery.start_soon(_signals)
         if ready_fd >= 0:
             _report(ready_fd, "OK")
@@ -193,10 +259,9 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
     if daemon is not None:
         try:
             crash_point("shutdown-before-final-commit")
-            daemon.ns.staging.take_sync_work().run()
-            mark_clean(daemon.ns) if not daemon.ops.handles else None
-            daemon.durability.commit()
+            _final_commit(daemon)
             daemon.ns.staging.close()
+            daemon.hot.close()
             daemon.store.close()
         except Exception:
             log.exception("final commit failed; the next mount recovers")
@@ -207,6 +272,19 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
         if daemon is not None:
             daemon.data_dir.pid_file.unlink()
     log.info("daemon stopped")
+
+
+def _final_commit(daemon: Daemon) -> None:
+    """Everything durable, deferred frees done, and the index marked cleanly unmounted."""
+    store = daemon.store
+    daemon.ns.staging.take_sync_work().run()
+    daemon.durability.commit()
+    store.sync_meta()
+    store.durable_commits = store.commits
+    daemon.ns.staging.release_durable(store.durable_commits)
+    daemon.sealer.free_durable_now()
+    mark_clean(daemon.ns)
+    store.commit()
 
 
 def _check_mountpoint(mountpoint: Path) -> None:

@@ -45,6 +45,14 @@ class DataDir:
         return self.root / "staging"
 
     @property
+    def hot(self) -> Path:
+        return self.root / "hot"
+
+    @property
+    def domain(self) -> Path:
+        return self.root / "domain.json"
+
+    @property
     def run(self) -> Path:
         return self.root / "run"
 
@@ -82,7 +90,7 @@ class DataDir:
         return self
 
     def make_layout(self) -> None:
-        for sub in (self.meta, self.staging, self.run, self.log_dir):
+        for sub in (self.meta, self.staging, self.hot, self.run, self.log_dir):
             sub.mkdir(parents=True, exist_ok=True)
 
 

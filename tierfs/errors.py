@@ -26,6 +26,7 @@ class ExitCode(enum.IntEnum):
     IO = 10
     TIMEOUT = 11
     INTERNAL = 70
+    INTERRUPTED = 130
 
 
 class TierfsError(Exception):

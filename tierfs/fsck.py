@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierfs.fs.staging import Staging
+from tierfs.fsck_data import DataChecker
 from tierfs.meta import schema
 from tierfs.meta.records import Inode, decode_dirent
 from tierfs.meta.store import MetaStore
@@ -48,6 +49,7 @@ class Checker:
         self.result = FsckResult()
         self.tx: Any = None
         self.inodes: dict[int, Inode] = {}
+        self.undecodable: set[int] = set()
         self.entries: dict[int, list[tuple[bytes, int, int]]] = {}
 
     def run(self) -> FsckResult:
@@ -60,9 +62,14 @@ class Checker:
             self._check_cookies()
             self._check_per_inode_records()
             self._check_staging_files()
+            DataChecker(self).run()
         if self.repair:
             self.store.sync_meta()
         return self.result
+
+    def known(self, ino: int) -> bool:
+        """The inode exists (even if its record does not decode: never repair it away)."""
+        return ino in self.inodes or ino in self.undecodable
 
     def _fix(self, problem: str, repair: str) -> bool:
         finding = self.result.add(problem, repair)
@@ -77,7 +84,8 @@ class Checker:
                 try:
                     self.inodes[ino] = Inode.decode(ino, bytes(value))
                 except Exception:
-                    self.result.add(f"inode {ino}: record does not decode")
+                    self.undecodable.add(ino)
+                    self.result.add(f"inode {ino}: record does not decode (left alone)")
         with self.tx.cursor(db=s.dirents) as cur:
             for key, value in cur:
                 parent = schema.key_ino(bytes(key))
@@ -96,6 +104,8 @@ class Checker:
                 if parent_inode is None or not parent_inode.is_dir:
                     if self._fix(f"{path}: parent is not a directory", "entry removed"):
                         self._delete_entry(parent, name, cookie)
+                    items.remove((name, child, cookie))
+                elif child in self.undecodable:
                     items.remove((name, child, cookie))
                 elif child not in self.inodes:
                     if self._fix(f"{path}: points at missing inode {child}", "entry removed"):
@@ -195,7 +205,7 @@ class Checker:
             stale = []
             with self.tx.cursor(db=db) as cur:
                 for key in cur.iternext(keys=True, values=False):
-                    if schema.key_ino(bytes(key)) not in self.inodes:
+                    if not self.known(schema.key_ino(bytes(key))):
                         stale.append(bytes(key))
             for key in stale:
                 if self._fix(f"{what} of missing inode {schema.key_ino(key)}", "record removed"):
@@ -209,7 +219,7 @@ class Checker:
 
     def _check_staging_files(self) -> None:
         for ino, path in self.staging.all_files():
-            if ino not in self.inodes and self._fix(
+            if not self.known(ino) and self._fix(
                 f"staging file {path.name} has no owning inode", "staging file removed"
             ):
                 with contextlib.suppress(FileNotFoundError):

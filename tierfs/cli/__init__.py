@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from tierfs import __version__
-from tierfs.cli import fsck, mkfs, mount, status
+from tierfs.cli import flush, fsck, mkfs, mount, status
 from tierfs.errors import ExitCode, TierfsError
 
 
@@ -23,7 +23,12 @@ class TierfsGroup(click.Group):
             sys.exit(int(exc.exit_code))
         except KeyboardInterrupt:
             click.echo("tierfs: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(int(ExitCode.INTERRUPTED))
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            click.echo(f"tierfs: internal error: {exc!r} (please report it)", err=True)
+            sys.exit(int(ExitCode.INTERNAL))
 
 
 @click.group(cls=TierfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +52,7 @@ cli.add_command(mount.mount)
 cli.add_command(mount.umount)
 cli.add_command(status.status)
 cli.add_command(fsck.fsck)
+cli.add_command(flush.flush)
 
 
 def main() -> None:

@@ -2,32 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import click
 
 from tierfs import config
+from tierfs.data import domain as domain_mod
 from tierfs.datadir import DataDir, is_locked
 from tierfs.errors import ExitCode, TierfsError
+from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
 
 
 @click.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--site", help="Site name (default: the host name).")
+@click.option(
+    "--domain",
+    "domain_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Join the dedup domain of this domain file (copied from another site).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing filesystem (its data is lost).")
-def mkfs(data_dir: Path, site: str | None, force: bool) -> None:
+def mkfs(data_dir: Path, site: str | None, domain_file: Path | None, force: bool) -> None:
     """Create a tierfs filesystem in DATA_DIR.
 
-    Writes tierfs.toml (every setting, commented, with its default) and an empty metadata
-    index. Refuses to touch an existing filesystem unless --force is given.
+    Writes tierfs.toml (every setting, commented, with its default), the dedup domain file
+    (a new domain, unless --domain names an existing one so that sites deduplicate against
+    each other) and an empty metadata index. Refuses to touch an existing filesystem unless
+    --force is given.
 
     \b
-    Example:
+    Examples:
       tierfs mkfs /var/lib/tierfs --site store-042
+      tierfs mkfs /var/lib/tierfs --site store-043 --domain /root/acme-domain.json
     """
     dd = DataDir(data_dir.absolute())
+    if site is not None:
+        config.parse({"site": {"name": site}}, "--site")
+    domain = domain_mod.load(domain_file) if domain_file else None
     if dd.is_filesystem():
         if not force:
             raise TierfsError(
@@ -36,22 +51,38 @@ def mkfs(data_dir: Path, site: str | None, force: bool) -> None:
             )
         if is_locked(dd):
             raise TierfsError(f"{dd.root}: filesystem is mounted; unmount it first", ExitCode.BUSY)
-        for sub in (dd.meta, dd.staging, dd.run):
+        for sub in (dd.meta, dd.staging, dd.hot, dd.run):
             shutil.rmtree(sub, ignore_errors=True)
     elif dd.root.exists() and not dd.root.is_dir():
         raise TierfsError(f"{dd.root}: exists and is not a directory", ExitCode.NOT_A_FILESYSTEM)
     cfg = config.defaults(site)
-    if site is not None:
-        config.parse({"site": {"name": site}}, "--site")
+    domain = domain or domain_mod.generate(cfg.site)
     try:
         dd.root.mkdir(parents=True, exist_ok=True)
         dd.make_layout()
+        domain_mod.write(dd.domain, domain)
         store = MetaStore.create(dd.meta, cfg.site)
+        with store.op() as tx:
+            tx.put(schema.K_DOMAIN_ID, domain.domain_id.encode(), db=store.meta)
         info = store.info()
         store.close()
         config.write(dd.root, cfg)
+        _sync_dirs(dd)
     except OSError as exc:
         raise TierfsError(
             f"{dd.root}: cannot create filesystem: {exc.strerror}", ExitCode.IO
         ) from None
-    click.echo(f"created tierfs filesystem {info['uuid']} for site {cfg.site!r} in {dd.root}")
+    click.echo(
+        f"created tierfs filesystem {info['uuid']} for site {cfg.site!r} in {dd.root} "
+        f"(dedup domain {domain.name!r} {domain.domain_id})"
+    )
+
+
+def _sync_dirs(dd: DataDir) -> None:
+    """Make the new directory entries durable, so a power cut after mkfs loses nothing."""
+    for d in (dd.meta, dd.staging, dd.hot, dd.run, dd.log_dir, dd.root, dd.root.parent):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

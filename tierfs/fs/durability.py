@@ -49,7 +49,9 @@ class Durability:
         await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
         crash_point("fsync-after-data")
         self.commit()
+        committed = self.store.commits
         await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
+        self.store.durable_commits = max(self.store.durable_commits, committed)
         crash_point("fsync-after-commit")
         self.fsyncs += 1
 
@@ -60,6 +62,7 @@ class Durability:
             due = time.monotonic() - self._last_commit >= self.interval
             if self.store.pending_ops >= self.max_ops or (due and self._has_changes()):
                 self.commit()
+            self.ns.staging.release_durable(self.store.durable_commits)
 
     def _has_changes(self) -> bool:
         return self.store.pending_ops > 0 or bool(self.ns.staging.changed)

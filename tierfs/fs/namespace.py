@@ -13,6 +13,7 @@ is recorded in DB_ORPHANS so that a crash cannot leak it: mount removes every or
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import stat
 import time
@@ -20,10 +21,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from tierfs.crashpoints import crash_point
+from tierfs.data.extents import ExtentMap
 from tierfs.fs.ranges import RangeSet
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
-from tierfs.meta.records import Inode, decode_dirent, decode_ranges, encode_dirent, encode_ranges
+from tierfs.meta.records import (
+    FLAG_FIXED_CHUNKING,
+    Inode,
+    decode_dirent,
+    decode_ranges,
+    encode_dirent,
+    encode_ranges,
+)
 from tierfs.meta.store import MetaStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,7 @@ XATTR_SIZE_MAX = 65536
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _DAY_NS = 86400 * 10**9
+MAX_OFFSET = 1 << 63
 
 
 class FsError(Exception):
@@ -47,14 +57,24 @@ class FsError(Exception):
 class Namespace:
     """The filesystem's state machine over the metadata index and staging."""
 
-    def __init__(self, store: MetaStore, staging: Staging, atime: str = "relatime") -> None:
+    def __init__(
+        self,
+        store: MetaStore,
+        staging: Staging,
+        extents: ExtentMap,
+        atime: str = "relatime",
+        fixed_patterns: tuple[str, ...] = (),
+    ) -> None:
         self.store = store
         self.staging = staging
+        self.extents = extents
         self.update_atime = atime == "relatime"
+        self.fixed_patterns = fixed_patterns
         self.lookups: dict[int, int] = {}
         self.opens: dict[int, int] = {}
+        self.closed_at: dict[int, float] = {}
 
-    # -- inode access ---------------------------------------------------------------------
+    # -- inode access
 
     def inode(self, ino: int, tx: Any = None) -> Inode:
         inode = self.store.get_inode(ino, tx)
@@ -62,13 +82,13 @@ class Namespace:
             raise FsError(errno.ENOENT)
         return inode
 
-    def staged_bytes(self, inode: Inode) -> int:
-        """Bytes of data the file holds (for st_blocks); holes excluded."""
+    def data_bytes(self, inode: Inode) -> int:
+        """Bytes of data the file holds (for st_blocks): sealed plus staged, holes excluded."""
         if not inode.is_reg:
             return 0
-        return self._ranges(inode.ino).total()
+        return inode.data_bytes + self.staged_ranges(inode.ino).total()
 
-    def _ranges(self, ino: int) -> RangeSet:
+    def staged_ranges(self, ino: int) -> RangeSet:
         ranges = self.staging.ranges.get(ino)
         if ranges is None:
             raw = self.store.tx.get(schema.ino_key(ino), db=self.store.staging)
@@ -76,7 +96,14 @@ class Namespace:
             self.staging.ranges[ino] = ranges
         return ranges
 
-    # -- lookup ----------------------------------------------------------------------------
+    def chunking_flags(self, name: bytes) -> int:
+        """FLAG_FIXED_CHUNKING for names matching `seal.fixed_chunking_patterns`."""
+        text = name.decode(errors="replace")
+        if any(fnmatch.fnmatch(text, p) for p in self.fixed_patterns):
+            return FLAG_FIXED_CHUNKING
+        return 0
+
+    # -- lookup
 
     def child_ino(self, parent: int, name: bytes, tx: Any = None) -> int | None:
         raw = (tx or self.store.tx).get(schema.dirent_key(parent, name), db=self.store.dirents)
@@ -113,7 +140,7 @@ class Namespace:
                 self.staging.ranges.pop(ino, None)
             self._delete_if_unused(ino)
 
-    # -- creating entries -------------------------------------------------------------------
+    # -- creating entries
 
     def create_node(
         self,
@@ -155,6 +182,7 @@ class Namespace:
                 now,
                 rdev,
                 parent if is_dir else 0,
+                self.chunking_flags(name) if kind == stat.S_IFREG else 0,
             )
             if target is not None:
                 inode.size = len(target)
@@ -195,7 +223,7 @@ class Namespace:
             raise FsError(errno.EINVAL)
         return bytes(target)
 
-    # -- removing entries -------------------------------------------------------------------
+    # -- removing entries
 
     def unlink(self, parent: int, name: bytes) -> None:
         _check_name(name)
@@ -360,7 +388,7 @@ class Namespace:
             if seen > 1_000_000:
                 raise FsError(errno.ELOOP)
 
-    # -- directory entries -------------------------------------------------------------------
+    # -- directory entries
 
     def _dir_for_change(self, ino: int, tx: Any) -> Inode:
         inode = self.inode(ino, tx)
@@ -407,7 +435,7 @@ class Namespace:
                     continue
                 yield bytes(name), self.inode(child, tx), cookie
 
-    # -- link counts and deletion -------------------------------------------------------------
+    # -- link counts and deletion
 
     def _drop_link(self, tx: Any, inode: Inode, now: int) -> None:
         inode.nlink -= 1
@@ -430,18 +458,19 @@ class Namespace:
             return
         with self.store.op() as tx:
             self.delete_inode(tx, ino)
-        self.staging.remove(ino)
+        self.staging.remove(ino, self.store.commits)
 
     def delete_inode(self, tx: Any, ino: int) -> None:
         """Remove every record of an inode (its staging file is removed by the caller)."""
         key = schema.ino_key(ino)
+        self.extents.clear(tx, ino, 0, MAX_OFFSET)
         for db in (self.store.inodes, self.store.symlinks, self.store.staging, self.store.orphans):
             tx.delete(key, db=db)
         with tx.cursor(db=self.store.xattrs) as cur:
             while cur.set_range(key) and bytes(cur.key()).startswith(key):
                 cur.delete()
 
-    # -- attributes ----------------------------------------------------------------------------
+    # -- attributes
 
     def setattr(
         self,
@@ -462,7 +491,7 @@ class Namespace:
                     raise FsError(errno.EISDIR)
                 if not inode.is_reg:
                     raise FsError(errno.EINVAL)
-                self._truncate(inode, size, now)
+                self._truncate(tx, inode, size, now)
             if mode is not None:
                 inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
             if uid is not None:
@@ -477,28 +506,30 @@ class Namespace:
             self.store.put_inode(tx, inode)
         return inode
 
-    def _truncate(self, inode: Inode, size: int, now: int) -> None:
-        self._ranges(inode.ino)
-        self.staging.truncate(inode.ino, size)
+    def _truncate(self, tx: Any, inode: Inode, size: int, now: int) -> None:
+        self.staged_ranges(inode.ino)
+        self.staging.truncate(inode.ino, size, self.store.commits)
+        if inode.data_bytes:
+            inode.data_bytes -= self.extents.clear(tx, inode.ino, size, MAX_OFFSET)
         if size != inode.size:
             inode.size = size
             inode.mtime_ns = now
 
-    # -- file data -------------------------------------------------------------------------------
+    # -- file data
 
     def open(self, ino: int, truncate: bool) -> Inode:
         inode = self.inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         if inode.is_reg:
-            self._ranges(ino)
+            self.staged_ranges(ino)
             self.staging.acquire(ino)
         self.opens[ino] = self.opens.get(ino, 0) + 1
         if truncate and inode.is_reg:
             now = time.time_ns()
             with self.store.op() as tx:
                 inode = self.inode(ino, tx)
-                self._truncate(inode, 0, now)
+                self._truncate(tx, inode, 0, now)
                 inode.mtime_ns = inode.ctime_ns = now
                 self.store.put_inode(tx, inode)
         return inode
@@ -512,6 +543,8 @@ class Namespace:
             self.opens[ino] = left
             return
         del self.opens[ino]
+        if ino in self.staging.dirty_since:
+            self.closed_at[ino] = time.monotonic()
         self._delete_if_unused(ino)
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -525,27 +558,25 @@ class Namespace:
             self.store.put_inode(tx, inode)
         return written
 
-    def read(self, ino: int, offset: int, size: int) -> bytes:
-        inode = self.inode(ino)
-        if offset >= inode.size:
-            return b""
-        size = min(size, inode.size - offset)
-        data = self.staging.read(ino, offset, size)
-        if len(data) < size:
-            data += bytes(size - len(data))
-        if self.update_atime:
-            self._touch_atime(inode)
-        return data
+    def touch_atime(self, ino: int) -> None:
+        """relatime: update atime when older than mtime/ctime or a day.
 
-    def _touch_atime(self, inode: Inode) -> None:
+        Takes the inode number, not a record: a caller that awaited since it read the record
+        would otherwise write back a stale size or extent count.
+        """
+        if not self.update_atime:
+            return
         now = time.time_ns()
+        inode = self.store.get_inode(ino)
+        if inode is None:
+            return
         a = inode.atime_ns
         if a <= inode.mtime_ns or a <= inode.ctime_ns or now - a >= _DAY_NS:
             with self.store.op() as tx:
                 inode.atime_ns = now
                 self.store.put_inode(tx, inode)
 
-    # -- extended attributes -----------------------------------------------------------------
+    # -- extended attributes
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > XATTR_NAME_MAX:
@@ -591,7 +622,7 @@ class Namespace:
             inode.ctime_ns = time.time_ns()
             self.store.put_inode(tx, inode)
 
-    # -- group commit hook -----------------------------------------------------------------------
+    # -- group commit hook
 
     def persist_staging_ranges(self) -> None:
         """Write changed staged ranges into the group transaction (called before a commit)."""

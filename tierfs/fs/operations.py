@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from tierfs.data.reader import FileReader
 from tierfs.fs.namespace import FsError, Namespace
 from tierfs.meta.records import Inode
 
@@ -68,13 +69,17 @@ class TierfsOperations(pyfuse3.Operations):
     def __init__(
         self,
         ns: Namespace,
+        reader: FileReader,
         durability: Any,
         data_dir: str,
         attr_timeout: float,
         entry_timeout: float,
+        reserve_bytes: int = 0,
     ) -> None:
         super().__init__()
         self.ns = ns
+        self.reader = reader
+        self.reserve_bytes = reserve_bytes
         self.durability = durability
         self.data_dir = data_dir
         self.attr_timeout = attr_timeout
@@ -82,7 +87,7 @@ class TierfsOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
 
-    # -- attributes --------------------------------------------------------------------------
+    # -- attributes
 
     def attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -97,7 +102,7 @@ class TierfsOperations(pyfuse3.Operations):
         a.st_rdev = inode.rdev
         a.st_size = inode.size
         a.st_blksize = BLOCK_SIZE
-        staged = self.ns.staged_bytes(inode)
+        staged = self.ns.data_bytes(inode)
         a.st_blocks = (staged + BLOCK_SIZE - 1) // BLOCK_SIZE * (BLOCK_SIZE // 512)
         a.st_atime_ns = inode.atime_ns
         a.st_mtime_ns = inode.mtime_ns
@@ -137,7 +142,7 @@ class TierfsOperations(pyfuse3.Operations):
         )
         return self.attrs(updated)
 
-    # -- namespace ----------------------------------------------------------------------------
+    # -- namespace
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -191,7 +196,7 @@ class TierfsOperations(pyfuse3.Operations):
     ) -> None:
         self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
-    # -- directories ----------------------------------------------------------------------------
+    # -- directories
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -214,7 +219,7 @@ class TierfsOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self.durability.sync(None)
 
-    # -- files -----------------------------------------------------------------------------------
+    # -- files
 
     def _new_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         fh = self._next_fh
@@ -238,7 +243,7 @@ class TierfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.ns.read(self.handles[fh].ino, off, size)
+        return await self.reader.read(self.handles[fh].ino, off, size)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -260,7 +265,7 @@ class TierfsOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.durability.sync(self.handles[fh].ino)
 
-    # -- xattrs ----------------------------------------------------------------------------------
+    # -- xattrs
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
@@ -288,7 +293,7 @@ class TierfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
             raise
 
-    # -- filesystem --------------------------------------------------------------------------------
+    # -- filesystem
 
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -299,7 +304,8 @@ class TierfsOperations(pyfuse3.Operations):
         scale = st.f_frsize / BLOCK_SIZE
         out.f_blocks = int(st.f_blocks * scale)
         out.f_bfree = int(st.f_bfree * scale)
-        out.f_bavail = int(st.f_bavail * scale)
+        reserve = self.reserve_bytes // BLOCK_SIZE
+        out.f_bavail = max(0, int(st.f_bavail * scale) - reserve)
         out.f_files = max(st.f_files, 1 << 32)
         out.f_ffree = max(st.f_ffree, (1 << 32) - 1024)
         out.f_favail = out.f_ffree

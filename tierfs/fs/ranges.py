@@ -43,6 +43,35 @@ class RangeSet:
         if self._ends and self._ends[-1] > size:
             self._ends[-1] = size
 
+    def remove(self, start: int, end: int) -> None:
+        """Take [start, end) out of the set, splitting a range that spans it."""
+        if end <= start or not self._starts:
+            return
+        starts, ends = self._starts, self._ends
+        lo = bisect.bisect_right(ends, start)
+        hi = bisect.bisect_left(starts, end)
+        if lo >= hi:
+            return
+        new_starts: list[int] = []
+        new_ends: list[int] = []
+        if starts[lo] < start:
+            new_starts.append(starts[lo])
+            new_ends.append(start)
+        if ends[hi - 1] > end:
+            new_starts.append(end)
+            new_ends.append(ends[hi - 1])
+        starts[lo:hi] = new_starts
+        ends[lo:hi] = new_ends
+
+    def intersect(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) that are in the set."""
+        out = []
+        idx = bisect.bisect_right(self._ends, start)
+        while idx < len(self._starts) and self._starts[idx] < end:
+            out.append((max(start, self._starts[idx]), min(end, self._ends[idx])))
+            idx += 1
+        return out
+
     def as_list(self) -> list[tuple[int, int]]:
         return list(zip(self._starts, self._ends, strict=True))
 

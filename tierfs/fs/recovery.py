@@ -3,10 +3,15 @@
 Each leftover state below is expected after a crash (docs/ARCHITECTURE.md, crash table) and is
 repaired before the filesystem serves a request; none of them needs `fsck`:
 
-* orphans: inodes unlinked while open (DB_ORPHANS) -> records and staging file removed;
+* orphans: inodes unlinked while open (DB_ORPHANS) -> records, extents and staging removed;
+* segment bytes past a segment's committed end (an append whose install never committed)
+  -> cut; segment files the index does not know -> removed;
 * staging files of inodes the index does not know (created after the last commit) -> removed,
-  and bytes written past the committed size -> cut;
+  bytes written past the committed size -> cut, and bytes outside the staged ranges (sealed,
+  but not yet punched when the daemon died) -> punched;
 * staged ranges beyond the committed file size -> cut at the size.
+
+Always: the staged ranges are loaded so that sealing resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from tierfs.crashpoints import crash_point
+from tierfs.data.chunkstore import ChunkIndex
 from tierfs.fs.namespace import Namespace
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta import schema
-from tierfs.meta.records import decode_ranges, encode_ranges
+from tierfs.meta.records import SegmentRecord, decode_ranges, encode_ranges
+from tierfs.osutil import punch_hole
+from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +41,47 @@ class RecoveryReport:
     orphans: int = 0
     stray_staging: int = 0
     trimmed_ranges: int = 0
+    cut_segments: int = 0
+    stray_segments: int = 0
     was_clean: bool = True
 
+    def anything(self) -> bool:
+        return bool(
+            self.orphans
+            or self.stray_staging
+            or self.trimmed_ranges
+            or self.cut_segments
+            or self.stray_segments
+        )
 
-def recover(ns: Namespace) -> RecoveryReport:
+
+def recover(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> RecoveryReport:
     """Repair crash leftovers and mark the filesystem as in use (committed and synced)."""
     store = ns.store
     report = RecoveryReport()
     report.was_clean = store.tx.get(K_CLEAN, db=store.meta) != b"0"
     report.orphans = _remove_orphans(ns)
     crash_point("recovery-after-orphans")
+    report.cut_segments, report.stray_segments = _recover_segments(ns, hot, chunks)
     if not report.was_clean:
-        report.stray_staging = _remove_stray_staging(ns)
+        report.stray_staging = _repair_staging_files(ns)
         report.trimmed_ranges = _trim_ranges(ns)
+    _load_staged_ranges(ns)
     with store.op() as tx:
         tx.put(K_CLEAN, b"0", db=store.meta)
     store.commit()
     store.sync_meta()
-    if report.orphans or report.stray_staging or report.trimmed_ranges:
+    store.durable_commits = store.commits
+    if report.anything() or not report.was_clean:
         log.info(
             "recovered after %s shutdown: %d orphan inodes, %d stray staging files, "
-            "%d staged range lists trimmed",
+            "%d staged range lists trimmed, %d segments cut, %d stray segments",
             "a clean" if report.was_clean else "an unclean",
             report.orphans,
             report.stray_staging,
             report.trimmed_ranges,
+            report.cut_segments,
+            report.stray_segments,
         )
     return report
 
@@ -73,13 +98,33 @@ def _remove_orphans(ns: Namespace) -> int:
     for ino in orphans:
         with store.op() as tx:
             ns.delete_inode(tx, ino)
-        ns.staging.remove(ino)
+        ns.staging.remove(ino, -1)
     ns.staging.take_changed()
     return len(orphans)
 
 
-def _remove_stray_staging(ns: Namespace) -> int:
-    """Remove staging files nobody owns; cut owned ones at their committed file size."""
+def _recover_segments(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> tuple[int, int]:
+    store = ns.store
+    known: dict[int, SegmentRecord] = {}
+    with store.tx.cursor(db=store.segments) as cur:
+        for key, value in cur:
+            known[schema.key_ino(bytes(key))] = SegmentRecord.decode(bytes(value))
+    cut = stray = 0
+    for seg, record in known.items():
+        if hot.cut_to(seg, record.end):
+            cut += 1
+        if record.active:
+            hot.resume(seg, record.end)
+    for seg, path in list(hot.all_segments()):
+        if seg not in known:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            stray += 1
+    return cut, stray
+
+
+def _repair_staging_files(ns: Namespace) -> int:
+    """Remove staging files nobody owns; in owned ones keep only the staged bytes."""
     stray = 0
     for ino, path in list(ns.staging.all_files()):
         inode = ns.store.get_inode(ino) if ino >= 0 else None
@@ -87,9 +132,26 @@ def _remove_stray_staging(ns: Namespace) -> int:
             if inode is None:
                 os.unlink(path)
                 stray += 1
-            elif path.stat().st_size > inode.size:
+                continue
+            if path.stat().st_size > inode.size:
                 os.truncate(path, inode.size)
+            _punch_unstaged(ns, ino, path, inode.size)
     return stray
+
+
+def _punch_unstaged(ns: Namespace, ino: int, path: os.PathLike[str], size: int) -> None:
+    raw = ns.store.tx.get(schema.ino_key(ino), db=ns.store.staging)
+    todo = RangeSet([(0, size)])
+    for a, b in decode_ranges(bytes(raw)) if raw else []:
+        todo.remove(a, b)
+    if not todo:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for a, b in todo.as_list():
+            punch_hole(fd, a, b - a)
+    finally:
+        os.close(fd)
 
 
 def _trim_ranges(ns: Namespace) -> int:
@@ -112,3 +174,17 @@ def _trim_ranges(ns: Namespace) -> int:
                 tx.put(schema.ino_key(ino), encode_ranges(ranges.as_list()), db=store.staging)
             trimmed += 1
     return trimmed
+
+
+def _load_staged_ranges(ns: Namespace) -> None:
+    """Staged data from before the mount is sealed like any other (oldest first)."""
+    store = ns.store
+    now = time.monotonic()
+    with store.tx.cursor(db=store.staging) as cur:
+        for key, value in cur:
+            ino = schema.key_ino(bytes(key))
+            ranges = RangeSet(decode_ranges(bytes(value)))
+            if ranges:
+                ns.staging.ranges[ino] = ranges
+                ns.staging.dirty_since[ino] = now
+                ns.closed_at[ino] = now

@@ -15,10 +15,12 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tierfs.fs.ranges import RangeSet
+from tierfs.osutil import punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,14 @@ class Staging:
         self.changed: set[int] = set()
         self.unsynced_dirs: set[Path] = set()
         self.unsynced_files: set[int] = set()
+        self.dirty_since: dict[int, float] = {}
+        self.touched: dict[int, RangeSet] = {}
+        self._deferred: list[tuple[int, int, int, int]] = []
 
     def path(self, ino: int) -> Path:
         return self.root / f"{ino & 0xFF:02x}" / f"{ino:016x}"
 
-    # -- fd management --------------------------------------------------------------------
+    # -- fd management
 
     def acquire(self, ino: int) -> int:
         """An fd for the inode's staging file, shared by every open handle of the inode."""
@@ -76,7 +81,7 @@ class Staging:
     def fd(self, ino: int) -> int | None:
         return self._fds.get(ino)
 
-    # -- data -----------------------------------------------------------------------------
+    # -- data
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         fd = self._fds[ino]
@@ -96,21 +101,20 @@ class Staging:
         except FileNotFoundError:
             return b""
 
-    def truncate(self, ino: int, size: int) -> None:
-        fd = self._fds.get(ino)
-        if fd is not None:
-            os.ftruncate(fd, size)
-        elif size == 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.truncate(self.path(ino), 0)
-        else:
-            fd = self.acquire(ino)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                self.release(ino)
+    def truncate(self, ino: int, size: int, commit: int) -> None:
+        """The file is cut at `size`: its staged bytes beyond are forgotten.
+
+        The staging file itself is only punched once the commit that records the new size
+        is durable: a crash before that brings the old size back, with its bytes.
+        """
+        self.defer_punch(commit, ino, size, 1 << 62)
         ranges = self.ranges.setdefault(ino, RangeSet())
         ranges.truncate(size)
+        if not ranges:
+            self.dirty_since.pop(ino, None)
+        touched = self.touched.get(ino)
+        if touched is not None:
+            touched.add(size, 1 << 63)
         self.changed.add(ino)
         self.unsynced_files.add(ino)
 
@@ -120,6 +124,68 @@ class Staging:
             ranges = self.ranges[ino] = RangeSet()
         ranges.add(start, end)
         self.changed.add(ino)
+        if ino not in self.dirty_since:
+            self.dirty_since[ino] = time.monotonic()
+        touched = self.touched.get(ino)
+        if touched is not None:
+            touched.add(start, end)
+
+    def unstage(self, ino: int, start: int, end: int) -> None:
+        """[start, end) is sealed: it no longer lives in staging."""
+        ranges = self.ranges.get(ino)
+        if ranges is None:
+            return
+        ranges.remove(start, end)
+        self.changed.add(ino)
+        if not ranges:
+            self.dirty_since.pop(ino, None)
+
+    def defer_punch(self, commit: int, ino: int, start: int, end: int) -> None:
+        """Free [start, end) of the staging file once commit `commit` is durable."""
+        self._deferred.append((commit, ino, start, end))
+
+    def release_durable(self, durable_commits: int) -> None:
+        """Carry out deferred punches and removals whose commit is durable (trio thread).
+
+        Bytes staged again since (written after the seal or truncate) are kept, and an inode
+        being sealed right now is left for a later call.
+        """
+        keep = []
+        for item in self._deferred:
+            commit, ino, start, end = item
+            if commit >= durable_commits or ino in self.touched:
+                keep.append(item)
+            elif end < 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(ino))
+            else:
+                self._punch_unstaged(ino, start, end)
+        self._deferred = keep
+
+    def _punch_unstaged(self, ino: int, start: int, end: int) -> None:
+        todo = RangeSet([(start, end)])
+        for a, b in self.ranges.get(ino, RangeSet()).intersect(start, end):
+            todo.remove(a, b)
+        fd = self._fds.get(ino)
+        own = fd is None
+        try:
+            if own:
+                fd = os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)
+            assert fd is not None
+            size = os.fstat(fd).st_size
+            for a, b in todo.as_list():
+                if a < size:
+                    punch_hole(fd, a, min(b, size) - a)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("inode %d: could not free staging bytes: %s", ino, exc)
+        finally:
+            if own and fd is not None:
+                os.close(fd)
+
+    def staged_total(self) -> int:
+        return sum(self.ranges[i].total() for i in self.dirty_since if i in self.ranges)
 
     def _check_space(self, size: int) -> None:
         if self.reserve_bytes <= 0:
@@ -128,11 +194,14 @@ class Staging:
         if st.f_bavail * st.f_frsize - size < self.reserve_bytes:
             raise OSError(errno.ENOSPC, "staging reserve reached")
 
-    def remove(self, ino: int) -> None:
-        """Drop an inode's staged bytes (the inode is gone)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(ino))
+    def remove(self, ino: int, commit: int) -> None:
+        """Drop an inode's staged bytes; the file goes once the deletion is durable."""
+        self._deferred.append((commit, ino, 0, -1))
         self.ranges.pop(ino, None)
+        self.dirty_since.pop(ino, None)
+        touched = self.touched.get(ino)
+        if touched is not None:
+            touched.add(0, 1 << 63)
         self.changed.add(ino)
         self.unsynced_files.discard(ino)
 
@@ -144,7 +213,7 @@ class Staging:
             return 0
         return st.st_blocks * 512
 
-    # -- durability -------------------------------------------------------------------------
+    # -- durability
 
     def take_sync_work(self, ino: int | None = None) -> SyncWork:
         """What must be fsynced to make `ino` (or every inode) durable; run it in a thread.

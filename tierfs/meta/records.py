@@ -9,7 +9,7 @@ import struct
 from tierfs.errors import ExitCode, TierfsError
 
 INODE_RECORD_VERSION = 1
-_INODE = struct.Struct(">BIIIIQqqqQQ")
+_INODE = struct.Struct(">BIIIIQqqqQQIQ")
 _DIRENT = struct.Struct(">QQ")
 _RANGE = struct.Struct(">QQ")
 RANGES_VERSION = 1
@@ -17,7 +17,11 @@ RANGES_VERSION = 1
 
 @dataclasses.dataclass(slots=True)
 class Inode:
-    """One inode. `parent` is kept for directories only (they have exactly one)."""
+    """One inode. `parent` is kept for directories only (they have exactly one).
+
+    `flags` holds FLAG_* bits; `data_bytes` is the number of file bytes covered by extents
+    (sealed data), kept so that getattr can report allocated blocks without a scan.
+    """
 
     ino: int
     mode: int
@@ -30,6 +34,8 @@ class Inode:
     ctime_ns: int = 0
     rdev: int = 0
     parent: int = 0
+    flags: int = 0
+    data_bytes: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -56,6 +62,8 @@ class Inode:
             self.ctime_ns,
             self.rdev,
             self.parent,
+            self.flags,
+            self.data_bytes,
         )
 
     @classmethod
@@ -90,3 +98,87 @@ def decode_ranges(data: bytes) -> list[tuple[int, int]]:
         (int(a), int(b))
         for a, b in (_RANGE.unpack_from(data, 1 + i * 16) for i in range((len(data) - 1) // 16))
     ]
+
+
+FLAG_FIXED_CHUNKING = 1
+
+_EXTENT = struct.Struct(">32sII")
+_CHUNK_HEAD = struct.Struct(">BBIIIB")
+_LOCATION = struct.Struct(">BQQ")
+CHUNK_RECORD_VERSION = 1
+SEGMENT_RECORD_VERSION = 1
+_SEGMENT = struct.Struct(">BBQQI")
+
+TIER_HOT = 1
+
+
+def encode_extent(chunk_id: bytes, chunk_off: int, length: int) -> bytes:
+    return _EXTENT.pack(chunk_id, chunk_off, length)
+
+
+def decode_extent(data: bytes) -> tuple[bytes, int, int]:
+    chunk_id, chunk_off, length = _EXTENT.unpack(data)
+    return bytes(chunk_id), int(chunk_off), int(length)
+
+
+@dataclasses.dataclass(slots=True)
+class ChunkRecord:
+    """A stored chunk: how many extents use it, its sizes, and where its copies are.
+
+    `locations` holds (tier, a, b) triples; for the hot tier a = segment id, b = offset of
+    the frame in the segment. Later tiers add their own triples.
+    """
+
+    refcount: int
+    raw_len: int
+    frame_len: int
+    codec: int
+    locations: list[tuple[int, int, int]]
+
+    def encode(self) -> bytes:
+        head = _CHUNK_HEAD.pack(
+            CHUNK_RECORD_VERSION, 0, self.refcount, self.raw_len, self.frame_len, self.codec
+        )
+        return head + b"".join(_LOCATION.pack(*loc) for loc in self.locations)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ChunkRecord:
+        if not data or data[0] != CHUNK_RECORD_VERSION:
+            raise TierfsError("chunk record has an unknown version", ExitCode.VERSION)
+        _, _, refcount, raw_len, frame_len, codec = _CHUNK_HEAD.unpack_from(data)
+        n = (len(data) - _CHUNK_HEAD.size) // _LOCATION.size
+        locations = [
+            tuple(
+                int(x) for x in _LOCATION.unpack_from(data, _CHUNK_HEAD.size + i * _LOCATION.size)
+            )
+            for i in range(n)
+        ]
+        return cls(refcount, raw_len, frame_len, codec, locations)  # type: ignore[arg-type]
+
+    def hot_location(self) -> tuple[int, int] | None:
+        for tier, a, b in self.locations:
+            if tier == TIER_HOT:
+                return a, b
+        return None
+
+
+@dataclasses.dataclass(slots=True)
+class SegmentRecord:
+    """A hot-tier segment file: its committed length and how many of its bytes are live."""
+
+    active: bool
+    end: int
+    live_bytes: int
+    live_frames: int
+
+    def encode(self) -> bytes:
+        return _SEGMENT.pack(
+            SEGMENT_RECORD_VERSION, int(self.active), self.end, self.live_bytes, self.live_frames
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SegmentRecord:
+        if not data or data[0] != SEGMENT_RECORD_VERSION:
+            raise TierfsError("segment record has an unknown version", ExitCode.VERSION)
+        _, active, end, live, frames = _SEGMENT.unpack(data)
+        return cls(bool(active), int(end), int(live), int(frames))

@@ -20,6 +20,9 @@ DB_XATTRS = b"xattrs"  # ino(8) + name -> value
 DB_SYMLINKS = b"symlinks"  # ino(8) -> target
 DB_STAGING = b"staging"  # ino(8) -> staged ranges (records.encode_ranges)
 DB_ORPHANS = b"orphans"  # ino(8) -> b"" : nlink 0 but still open when last committed
+DB_EXTENTS = b"extents"  # ino(8) + file offset(8) -> chunk id(32) + offset in chunk(4) + length(4)
+DB_CHUNKS = b"chunks"  # chunk id(32) -> chunk record (records.ChunkRecord)
+DB_SEGMENTS = b"segments"  # segment id(8) -> segment record (records.SegmentRecord)
 
 ALL_DBS = (
     DB_META,
@@ -30,6 +33,9 @@ ALL_DBS = (
     DB_SYMLINKS,
     DB_STAGING,
     DB_ORPHANS,
+    DB_EXTENTS,
+    DB_CHUNKS,
+    DB_SEGMENTS,
 )
 
 # Keys of DB_META.
@@ -41,8 +47,11 @@ K_CREATED = b"created_ns"  # ">q"
 K_NEXT_INO = b"next_ino"  # ">Q": next inode number to hand out (never reused)
 K_NEXT_COOKIE = b"next_cookie"  # ">Q": next readdir cookie (never reused)
 K_SITE = b"site"  # utf-8 site name as given to mkfs
+K_DOMAIN_ID = b"domain_id"  # utf-8 UUID of the dedup domain (DATA_DIR/domain.json)
+K_NEXT_SEGMENT = b"next_segment"  # ">Q": next hot segment id (never reused)
+K_CHUNK_STATS = b"chunk_stats"  # ">QQQQ": chunks, plaintext bytes, stored bytes, referenced bytes
 
-FEATURES: tuple[str, ...] = ("staging-v1",)
+FEATURES: tuple[str, ...] = ("staging-v1", "chunks-v1")
 
 ROOT_INO = 1
 FIRST_FREE_INO = 2

@@ -62,9 +62,13 @@ class MetaStore:
         self.symlinks = env.open_db(schema.DB_SYMLINKS, create=False)
         self.staging = env.open_db(schema.DB_STAGING, create=False)
         self.orphans = env.open_db(schema.DB_ORPHANS, create=False)
+        self.extents = env.open_db(schema.DB_EXTENTS, create=False)
+        self.chunks = env.open_db(schema.DB_CHUNKS, create=False)
+        self.segments = env.open_db(schema.DB_SEGMENTS, create=False)
         self._group: Any = None
         self.pending_ops = 0
         self.commits = 0
+        self.durable_commits = 0
 
     # -- opening -------------------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class MetaStore:
             put(schema.K_SITE, site.encode(), db=store.meta)
             put(schema.K_NEXT_INO, schema.pack_u64(schema.FIRST_FREE_INO), db=store.meta)
             put(schema.K_NEXT_COOKIE, schema.pack_u64(1), db=store.meta)
+            put(schema.K_NEXT_SEGMENT, schema.pack_u64(1), db=store.meta)
             root = Inode(schema.ROOT_INO, 0o40755, 0, 0, 2, 0, now, now, now, 0, schema.ROOT_INO)
             put(schema.ino_key(root.ino), root.encode(), db=store.inodes)
         store.commit()
@@ -187,6 +192,9 @@ class MetaStore:
         group.commit()
         self.pending_ops = 0
         self.commits += 1
+        # MDB_NOMETASYNC: this commit flushed the data pages, and with them every earlier
+        # meta page; only this commit's own meta page may still be lost.
+        self.durable_commits = self.commits - 1
         self._keep_preallocated()
 
     def sync_meta(self) -> None:
@@ -215,7 +223,11 @@ class MetaStore:
         return None if data is None else Inode.decode(ino, data)
 
     def put_inode(self, tx: Any, inode: Inode) -> None:
-        tx.put(schema.ino_key(inode.ino), inode.encode(), db=self.inodes)
+        try:
+            data = inode.encode()
+        except struct.error:
+            raise ValueError(f"inode record out of range: {inode}") from None
+        tx.put(schema.ino_key(inode.ino), data, db=self.inodes)
 
     def next_counter(self, tx: Any, key: bytes) -> int:
         value = schema.unpack_u64(tx.get(key, db=self.meta))

@@ -1,0 +1,191 @@
+"""The data path through a real mount: sealing, dedup, partial overwrites, checksums, space."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Mount, configure, mounted, run_cli
+from tierfs.data.frame import HEADER_SIZE
+
+SEED = 1234
+MiB = 1024 * 1024
+
+
+def status(fs: Mount) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run_cli("status", fs.mnt, "--json").stdout)
+    return doc
+
+
+def flush(fs: Mount) -> dict[str, Any]:
+    run_cli("flush", fs.mnt)
+    return status(fs)
+
+
+def stored(fs: Mount) -> int:
+    return int(flush(fs)["chunks"]["stored_bytes"])
+
+
+def random_bytes(n: int, seed: int = SEED) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_flush_seals_everything_and_frees_staging(fs: Mount) -> None:
+    data = random_bytes(20 * MiB)
+    (fs.mnt / "f").write_bytes(data)
+    doc = flush(fs)
+    assert doc["tiers"]["staging"]["staged_bytes"] == 0
+    assert doc["chunks"]["unique_bytes"] == len(data)
+    assert doc["chunks"]["count"] >= 20
+    fs.remount()
+    assert status(fs)["tiers"]["staging"]["bytes"] < MiB, "sealed bytes left in staging"
+    assert (fs.mnt / "f").read_bytes() == data
+    fs.umount()
+    assert run_cli("fsck", fs.data).returncode == 0
+
+
+def test_dedup_across_files_and_shifted_content(fs: Mount) -> None:
+    data = random_bytes(16 * MiB)
+    (fs.mnt / "a").write_bytes(data)
+    first = stored(fs)
+    shutil.copyfile(fs.mnt / "a", fs.mnt / "b")
+    assert stored(fs) == first, "an identical copy must not store anything"
+    (fs.mnt / "c").write_bytes(b"inserted at the front" + data)
+    grown = stored(fs) - first
+    assert grown < 3 * MiB, f"a shifted copy stored {grown} bytes, not a few chunks"
+    doc = status(fs)
+    assert doc["chunks"]["dedup_ratio"] > 2.5
+    for name, expect in (("a", data), ("b", data), ("c", b"inserted at the front" + data)):
+        assert (fs.mnt / name).read_bytes() == expect
+
+
+def test_small_overwrite_stores_only_new_bytes_copy_on_write(fs: Mount) -> None:
+    data = random_bytes(32 * MiB)
+    (fs.mnt / "big").write_bytes(data)
+    shutil.copyfile(fs.mnt / "big", fs.mnt / "twin")
+    before = stored(fs)
+    patch = random_bytes(4096, seed=99)
+    with open(fs.mnt / "big", "r+b") as f:
+        f.seek(10 * MiB + 1234)
+        f.write(patch)
+    grown = stored(fs) - before
+    assert 4096 <= grown < 4096 + 2 * HEADER_SIZE + 1024, f"4 KiB overwrite stored {grown}"
+    expect = bytearray(data)
+    expect[10 * MiB + 1234 : 10 * MiB + 1234 + 4096] = patch
+    assert (fs.mnt / "big").read_bytes() == bytes(expect)
+    assert (fs.mnt / "twin").read_bytes() == data, "copy-on-write broke the dedup twin"
+    fs.remount()
+    assert (fs.mnt / "big").read_bytes() == bytes(expect)
+
+
+def test_truncate_and_unlink_release_chunks(fs: Mount) -> None:
+    data = random_bytes(8 * MiB)
+    (fs.mnt / "f").write_bytes(data)
+    assert stored(fs) >= 8 * MiB
+    os.truncate(fs.mnt / "f", MiB)
+    os.truncate(fs.mnt / "f", 2 * MiB)
+    assert (fs.mnt / "f").read_bytes() == data[:MiB] + bytes(MiB)
+    (fs.mnt / "f").unlink()
+    doc = flush(fs)
+    assert doc["chunks"]["count"] == 0
+    assert doc["chunks"]["stored_bytes"] == 0
+    fs.umount()
+    hot = sum(p.stat().st_blocks * 512 for p in (fs.data / "hot").rglob("*.seg"))
+    assert hot < MiB, f"{hot} bytes of freed chunks still allocated in the hot tier"
+    assert run_cli("fsck", fs.data).returncode == 0
+
+
+def test_compressible_data_is_compressed(fs: Mount) -> None:
+    text = b"".join(f"line {i} of a very repetitive log\n".encode() for i in range(300_000))
+    (fs.mnt / "log").write_bytes(text)
+    doc = flush(fs)
+    assert doc["chunks"]["stored_bytes"] < len(text) // 4
+    assert doc["chunks"]["compression_ratio"] > 4
+    fs.remount()
+    assert (fs.mnt / "log").read_bytes() == text
+
+
+def test_fixed_chunking_for_databases(fs: Mount) -> None:
+    data = random_bytes(4 * MiB)
+    (fs.mnt / "app.db").write_bytes(data)
+    first = stored(fs)
+    with open(fs.mnt / "app.db", "r+b") as f:
+        f.seek(256 * 1024)
+        f.write(random_bytes(256 * 1024, seed=7))
+    grown = stored(fs) - first
+    assert grown <= 256 * 1024 + 4 * HEADER_SIZE, f"a rewritten block stored {grown} bytes"
+
+
+def test_corrupt_frame_gives_eio_and_counts(fs: Mount) -> None:
+    data = random_bytes(2 * MiB)
+    (fs.mnt / "f").write_bytes(data)
+    flush(fs)
+    fs.umount()
+    segment = next((fs.data / "hot").rglob("*.seg"))
+    with open(segment, "r+b") as f:
+        f.seek(HEADER_SIZE + 1000)
+        byte = f.read(1)
+        f.seek(HEADER_SIZE + 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fs.mount()
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    with pytest.raises(OSError) as exc:
+        (fs.mnt / "f").read_bytes()
+    assert exc.value.errno == errno.EIO
+    with open(fs.mnt / "f", "rb") as f:
+        f.seek(MiB + 512 * 1024)
+        assert f.read(4096) == data[MiB + 512 * 1024 : MiB + 512 * 1024 + 4096]
+    assert status(fs)["errors"]["checksum"] >= 1
+    log = (fs.data / "log" / "tierfs.log").read_text()
+    assert "failed its check" in log and "inode" in log
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """tierfs on a 160 MiB loop-mounted ext4, to run the disk full."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(160 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    under = tmp_path / "under"
+    under.mkdir()
+    if subprocess.run(["mount", "-o", "loop", str(image), str(under)]).returncode != 0:
+        pytest.skip("cannot loop-mount an image here")
+    try:
+        run_cli("mkfs", under / "data", "--site", "small")
+        configure(
+            under / "data",
+            staging__reserve_mb=8,
+            seal__quiet_period=0.0,
+            metadata__preallocate_mb=8,
+        )
+        with mounted(tmp_path, under / "data") as m:
+            yield m
+    finally:
+        subprocess.run(["umount", "-l", str(under)], check=False)
+
+
+def test_disk_full_gives_enospc_and_recovers(small_fs: Mount) -> None:
+    fs = small_fs
+    keep = random_bytes(8 * MiB)
+    (fs.mnt / "keep").write_bytes(keep)
+    flush(fs)
+    with pytest.raises(OSError) as exc, open(fs.mnt / "filler", "wb") as f:
+        for i in range(200):
+            f.write(random_bytes(MiB, seed=i))
+    assert exc.value.errno == errno.ENOSPC
+    assert (fs.mnt / "keep").read_bytes() == keep
+    (fs.mnt / "filler").unlink()
+    flush(fs)
+    (fs.mnt / "after").write_bytes(b"space is back")
+    assert (fs.mnt / "after").read_bytes() == b"space is back"
+    fs.remount()
+    assert (fs.mnt / "keep").read_bytes() == keep

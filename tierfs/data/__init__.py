@@ -1,0 +1,1 @@
+"""The data path: chunking, content ids, the chunk frame codec, and sealing."""

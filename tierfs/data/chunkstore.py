@@ -1,0 +1,171 @@
+"""The chunk index: chunk records, reference counts, accounting, and frees after commit.
+
+A chunk's refcount is the number of extents that point at it. When it drops to zero the
+record is deleted in the same operation, but its frame is not punched yet: the deletion is
+only safe once the commit that made it is durable (invariant 3: a copy is never dropped while
+durable metadata may still point at it). Such frees wait in `pending_frees` until
+`Durability` has synced a commit that covers them, and while no read has the frame pinned.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tierfs.meta import schema
+from tierfs.meta.records import TIER_HOT, ChunkRecord, SegmentRecord
+from tierfs.meta.store import MetaStore
+
+_STATS = struct.Struct(">QQQQ")
+
+
+@dataclass
+class ChunkStats:
+    chunks: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    referenced_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PendingFree:
+    """A frame (or a whole segment when `length` is -1) to give back after a durable commit."""
+
+    commit: int
+    seg: int
+    offset: int
+    length: int
+
+
+class ChunkIndex:
+    def __init__(self, store: MetaStore) -> None:
+        self.store = store
+        self.pending_frees: list[PendingFree] = []
+        self.pinned: Counter[tuple[int, int]] = Counter()
+        self.is_retained: Callable[[bytes], bool] = lambda chunk_id: False
+
+    # -- records
+
+    def get(self, chunk_id: bytes, tx: Any = None) -> ChunkRecord | None:
+        raw = (tx or self.store.tx).get(chunk_id, db=self.store.chunks)
+        return None if raw is None else ChunkRecord.decode(bytes(raw))
+
+    def put(self, tx: Any, chunk_id: bytes, record: ChunkRecord) -> None:
+        tx.put(chunk_id, record.encode(), db=self.store.chunks)
+
+    def insert(self, tx: Any, chunk_id: bytes, record: ChunkRecord) -> None:
+        """A new chunk whose frame is durable in the hot tier."""
+        self.put(tx, chunk_id, record)
+        hot = record.hot_location()
+        if hot is not None:
+            self._segment_delta(tx, hot[0], record.frame_len, 1)
+        self._stats_delta(tx, chunks=1, raw=record.raw_len, stored=record.frame_len)
+
+    def add_ref(self, tx: Any, chunk_id: bytes, n: int = 1) -> None:
+        record = self.get(chunk_id, tx)
+        if record is None:
+            raise KeyError(chunk_id.hex())
+        record.refcount += n
+        self.put(tx, chunk_id, record)
+
+    def release(self, tx: Any, chunk_id: bytes, n: int = 1) -> None:
+        record = self.get(chunk_id, tx)
+        if record is None:
+            raise KeyError(chunk_id.hex())
+        record.refcount -= n
+        if record.refcount > 0 or self.is_retained(chunk_id):
+            self.put(tx, chunk_id, record)
+            return
+        tx.delete(chunk_id, db=self.store.chunks)
+        self._stats_delta(tx, chunks=-1, raw=-record.raw_len, stored=-record.frame_len)
+        for tier, a, b in record.locations:
+            if tier == TIER_HOT:
+                self.free_frame(tx, a, b, record.frame_len)
+
+    def drop_unused(self, tx: Any, chunk_id: bytes) -> None:
+        """A chunk stored by a seal round that ended up unused (its range was rewritten)."""
+        record = self.get(chunk_id, tx)
+        if record is None or record.refcount > 0:
+            return
+        record.refcount = 1
+        self.put(tx, chunk_id, record)
+        self.release(tx, chunk_id)
+
+    def free_frame(self, tx: Any, seg: int, offset: int, length: int) -> None:
+        """Queue a frame's space for release once this change is durable."""
+        self.pending_frees.append(PendingFree(self.store.commits, seg, offset, length))
+        if self._segment_delta(tx, seg, -length, -1):
+            self.pending_frees.append(PendingFree(self.store.commits, seg, 0, -1))
+
+    def referenced(self, tx: Any, delta: int) -> None:
+        self._stats_delta(tx, referenced=delta)
+
+    # -- segments
+
+    def segment(self, seg: int, tx: Any = None) -> SegmentRecord | None:
+        raw = (tx or self.store.tx).get(schema.ino_key(seg), db=self.store.segments)
+        return None if raw is None else SegmentRecord.decode(bytes(raw))
+
+    def put_segment(self, tx: Any, seg: int, record: SegmentRecord) -> None:
+        tx.put(schema.ino_key(seg), record.encode(), db=self.store.segments)
+
+    def _segment_delta(self, tx: Any, seg: int, nbytes: int, frames: int) -> bool:
+        """Adjust a segment's live counts; True when an inactive segment became empty."""
+        record = self.segment(seg, tx)
+        if record is None:
+            return False
+        record.live_bytes += nbytes
+        record.live_frames += frames
+        if record.live_frames <= 0 and not record.active:
+            tx.delete(schema.ino_key(seg), db=self.store.segments)
+            return True
+        self.put_segment(tx, seg, record)
+        return False
+
+    def retire_segment(self, tx: Any, seg: int) -> None:
+        """The active segment is full: it takes no more appends."""
+        record = self.segment(seg, tx)
+        if record is None:
+            return
+        record.active = False
+        if record.live_frames <= 0:
+            tx.delete(schema.ino_key(seg), db=self.store.segments)
+            self.pending_frees.append(PendingFree(self.store.commits, seg, 0, -1))
+        else:
+            self.put_segment(tx, seg, record)
+
+    # -- accounting
+
+    def stats(self, tx: Any = None) -> ChunkStats:
+        raw = (tx or self.store.tx).get(schema.K_CHUNK_STATS, db=self.store.meta)
+        return ChunkStats(*_STATS.unpack(raw)) if raw else ChunkStats()
+
+    def _stats_delta(
+        self, tx: Any, chunks: int = 0, raw: int = 0, stored: int = 0, referenced: int = 0
+    ) -> None:
+        s = self.stats(tx)
+        s.chunks += chunks
+        s.raw_bytes += raw
+        s.stored_bytes += stored
+        s.referenced_bytes += referenced
+        tx.put(
+            schema.K_CHUNK_STATS,
+            _STATS.pack(s.chunks, s.raw_bytes, s.stored_bytes, s.referenced_bytes),
+            db=self.store.meta,
+        )
+
+    # -- frees after durable commits
+
+    def take_durable_frees(self, durable_commits: int) -> list[PendingFree]:
+        """Frees whose commit is durable and whose frame no read has pinned."""
+        ready, keep = [], []
+        for f in self.pending_frees:
+            if f.commit < durable_commits and (f.seg, f.offset) not in self.pinned:
+                ready.append(f)
+            else:
+                keep.append(f)
+        self.pending_frees = keep
+        return ready

@@ -1,0 +1,94 @@
+"""The chunk frame: how one chunk is stored on any tier (docs/FORMAT.md, "Chunk frame").
+
+    offset size  field
+    0      4     magic b"TFCH"
+    4      1     format version (1)
+    5      1     codec: 0 = raw, 1 = zstd
+    6      2     reserved, 0
+    8      4     plaintext length (u32, big-endian)
+    12     4     payload length (u32)
+    16     32    content id (keyed BLAKE3-256 of the plaintext)
+    48     8     xxh3-64 of bytes 0..47 and the payload
+    56     ...   payload
+
+Frames are self-describing so that a tier can be scanned and checked without the index.
+Compression is skipped when it does not save at least 1/16 of the chunk.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+MAGIC = b"TFCH"
+VERSION = 1
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+HEADER = struct.Struct(">4sBBHII32s")
+HEADER_SIZE = HEADER.size + 8
+
+
+class FrameError(Exception):
+    """A frame failed its checks (bad magic, version, length or checksum)."""
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    chunk_id: bytes
+    codec: int
+    raw_len: int
+    payload_len: int
+
+    @property
+    def frame_len(self) -> int:
+        return HEADER_SIZE + self.payload_len
+
+
+def encode(chunk_id: bytes, data: bytes | memoryview, level: int) -> tuple[bytes, int]:
+    """The frame for `data` and its codec (worker thread: zstd over a whole chunk)."""
+    codec, payload = CODEC_RAW, bytes(data)
+    if level > 0 and len(data) >= 64:
+        packed = zstandard.ZstdCompressor(level=level).compress(data)
+        if len(packed) <= len(data) - len(data) // 16:
+            codec, payload = CODEC_ZSTD, packed
+    header = HEADER.pack(MAGIC, VERSION, codec, 0, len(data), len(payload), chunk_id)
+    digest = xxhash.xxh3_64(header)
+    digest.update(payload)
+    return header + digest.digest() + payload, codec
+
+
+def parse_header(frame: bytes | memoryview) -> FrameInfo:
+    if len(frame) < HEADER_SIZE:
+        raise FrameError("truncated frame header")
+    magic, version, codec, _, raw_len, payload_len, chunk_id = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise FrameError("bad frame magic")
+    if version != VERSION:
+        raise FrameError(f"unknown frame version {version}")
+    if codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise FrameError(f"unknown codec {codec}")
+    return FrameInfo(bytes(chunk_id), codec, raw_len, payload_len)
+
+
+def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes:
+    """Check a whole frame and return the plaintext (worker thread)."""
+    info = parse_header(frame)
+    if len(frame) != info.frame_len:
+        raise FrameError(f"frame length {len(frame)}, header says {info.frame_len}")
+    if expected_id is not None and info.chunk_id != expected_id:
+        raise FrameError("frame holds another chunk")
+    digest = xxhash.xxh3_64(frame[: HEADER.size])
+    payload = frame[HEADER_SIZE:]
+    digest.update(payload)
+    if digest.digest() != bytes(frame[HEADER.size : HEADER_SIZE]):
+        raise FrameError("frame checksum mismatch")
+    if info.codec == CODEC_RAW:
+        data = bytes(payload)
+    else:
+        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=info.raw_len)
+    if len(data) != info.raw_len:
+        raise FrameError("plaintext length mismatch")
+    return data

@@ -1,0 +1,152 @@
+"""Reading file data: staged bytes, then sealed extents, then zeros for holes.
+
+A read is planned on the trio thread in one go (staged bytes are copied right away, extents
+are resolved to chunk locations), so that no write, seal or truncate can interleave with the
+plan. Chunk plaintext then comes from the cache or from the tier in a worker thread; the
+frame's location stays pinned meanwhile so that a concurrent free cannot punch it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from tierfs.data import frame
+from tierfs.data.cache import ChunkCache
+from tierfs.data.chunkstore import ChunkIndex
+from tierfs.data.extents import ExtentMap
+from tierfs.fs.namespace import FsError, Namespace
+from tierfs.tiers.hot import HotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkPiece:
+    """`length` bytes at `chunk_off` of a chunk, landing at `buf_off` of the read buffer."""
+
+    buf_off: int
+    length: int
+    chunk_id: bytes
+    chunk_off: int
+    seg: int
+    frame_off: int
+    frame_len: int
+
+
+class FileReader:
+    def __init__(
+        self,
+        ns: Namespace,
+        chunks: ChunkIndex,
+        extents: ExtentMap,
+        hot: HotStore,
+        cache: ChunkCache,
+        cpu_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.ns = ns
+        self.chunks = chunks
+        self.extents = extents
+        self.hot = hot
+        self.cache = cache
+        self.cpu_limiter = cpu_limiter
+        self._loading: dict[bytes, trio.Event] = {}
+        self.checksum_errors = 0
+        self.io_errors = 0
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.ns.inode(ino)
+        if offset >= inode.size or size <= 0:
+            return b""
+        size = min(size, inode.size - offset)
+        buf = bytearray(size)
+        pieces = self._plan(ino, offset, size, buf)
+        if pieces:
+            await self._fill(ino, buf, pieces)
+        self.ns.touch_atime(ino)
+        return bytes(buf)
+
+    def _plan(self, ino: int, offset: int, size: int, buf: bytearray) -> list[ChunkPiece]:
+        """Copy staged bytes into `buf` now; return the chunk pieces still to fetch."""
+        end = offset + size
+        staged = self.ns.staged_ranges(ino)
+        pos = offset
+        gaps: list[tuple[int, int]] = []
+        for a, b in staged.intersect(offset, end):
+            if a > pos:
+                gaps.append((pos, a))
+            data = self.ns.staging.read(ino, a, b - a)
+            buf[a - offset : a - offset + len(data)] = data
+            pos = b
+        if pos < end:
+            gaps.append((pos, end))
+        pieces = []
+        for a, b in gaps:
+            for ext in self.extents.overlapping(ino, a, b):
+                lo, hi = max(a, ext.file_off), min(b, ext.end)
+                record = self.chunks.get(ext.chunk_id)
+                hot = record.hot_location() if record else None
+                if record is None or hot is None:
+                    log.error("inode %d: chunk %s has no stored copy", ino, ext.chunk_id.hex()[:16])
+                    self.io_errors += 1
+                    raise FsError(errno.EIO)
+                pieces.append(
+                    ChunkPiece(
+                        lo - offset,
+                        hi - lo,
+                        ext.chunk_id,
+                        ext.chunk_off + lo - ext.file_off,
+                        hot[0],
+                        hot[1],
+                        record.frame_len,
+                    )
+                )
+        return pieces
+
+    async def _fill(self, ino: int, buf: bytearray, pieces: list[ChunkPiece]) -> None:
+        for p in pieces:
+            self.chunks.pinned[(p.seg, p.frame_off)] += 1
+        try:
+            for p in pieces:
+                data = await self.chunk_data(ino, p)
+                buf[p.buf_off : p.buf_off + p.length] = data[p.chunk_off : p.chunk_off + p.length]
+        finally:
+            for p in pieces:
+                key = (p.seg, p.frame_off)
+                self.chunks.pinned[key] -= 1
+                if self.chunks.pinned[key] <= 0:
+                    del self.chunks.pinned[key]
+
+    async def chunk_data(self, ino: int, p: ChunkPiece) -> bytes:
+        """A chunk's plaintext from the cache, or loaded once however many readers wait."""
+        while True:
+            data = self.cache.get(p.chunk_id)
+            if data is not None:
+                return data
+            pending = self._loading.get(p.chunk_id)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._loading[p.chunk_id] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self._load, p, limiter=self.cpu_limiter)
+        except frame.FrameError as exc:
+            self.checksum_errors += 1
+            log.error("inode %d: chunk %s failed its check: %s", ino, p.chunk_id.hex()[:16], exc)
+            raise FsError(errno.EIO) from None
+        except OSError as exc:
+            self.io_errors += 1
+            log.error("inode %d: chunk %s unreadable: %s", ino, p.chunk_id.hex()[:16], exc)
+            raise FsError(errno.EIO) from None
+        finally:
+            del self._loading[p.chunk_id]
+            event.set()
+        self.cache.put(p.chunk_id, data)
+        return data
+
+    def _load(self, p: ChunkPiece) -> bytes:
+        raw = self.hot.read(p.seg, p.frame_off, p.frame_len)
+        return frame.decode(raw, p.chunk_id)

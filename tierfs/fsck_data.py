@@ -1,0 +1,164 @@
+"""`fsck` of the data path: extents, chunk records, reference counts, segments, accounting.
+
+Leftover states and their repairs (docs/ARCHITECTURE.md, crash table):
+
+* an extent of a missing inode -> removed (its chunk reference released);
+* an extent pointing at a missing chunk -> data lost: reported with the file; --repair turns
+  the range into a hole, so that the rest of the file reads;
+* a chunk whose refcount differs from the extents that use it -> refcount corrected;
+* a chunk no extent uses (leaked) -> record removed, frame punched;
+* a chunk copy outside its segment's committed end, or in a missing segment -> reported;
+* segment live counts, inode data_bytes and the chunk counters -> recomputed;
+* segment files the index does not know -> removed; bytes past a segment's end -> cut.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from tierfs.data.chunkstore import ChunkIndex
+from tierfs.meta import schema
+from tierfs.meta.records import TIER_HOT, ChunkRecord, SegmentRecord, decode_extent
+from tierfs.tiers.hot import HotStore
+
+if TYPE_CHECKING:
+    from tierfs.fsck import Checker
+
+_STATS = struct.Struct(">QQQQ")
+
+
+class DataChecker:
+    def __init__(self, checker: Checker) -> None:
+        self.c = checker
+        self.store = checker.store
+        self.tx = checker.tx
+        self.hot = HotStore(checker.staging.root.parent / "hot")
+        self.uses: Counter[bytes] = Counter()
+        self.referenced = 0
+        self.chunks: dict[bytes, ChunkRecord] = {}
+        self.segments: dict[int, SegmentRecord] = {}
+
+    def run(self) -> None:
+        self._load()
+        self._check_extents()
+        self._check_refcounts()
+        self._check_segments()
+        self._check_stats()
+
+    def _load(self) -> None:
+        with self.tx.cursor(db=self.store.chunks) as cur:
+            for key, value in cur:
+                self.chunks[bytes(key)] = ChunkRecord.decode(bytes(value))
+        with self.tx.cursor(db=self.store.segments) as cur:
+            for key, value in cur:
+                self.segments[schema.key_ino(bytes(key))] = SegmentRecord.decode(bytes(value))
+
+    def _check_extents(self) -> None:
+        data_bytes: Counter[int] = Counter()
+        doomed: list[tuple[bytes, str, str]] = []
+        with self.tx.cursor(db=self.store.extents) as cur:
+            for key, value in cur:
+                ino = schema.key_ino(bytes(key))
+                off = schema.unpack_u64(bytes(key), 8)
+                chunk_id, _, length = decode_extent(bytes(value))
+                if not self.c.known(ino):
+                    doomed.append((bytes(key), f"extent of missing inode {ino}", "extent removed"))
+                elif chunk_id not in self.chunks:
+                    doomed.append(
+                        (
+                            bytes(key),
+                            f"inode {ino}: bytes {off}..{off + length} are in missing chunk "
+                            f"{chunk_id.hex()[:16]} (data lost)",
+                            "range turned into a hole",
+                        )
+                    )
+                else:
+                    self.uses[chunk_id] += 1
+                    self.referenced += length
+                    data_bytes[ino] += length
+        for key, problem, repair in doomed:
+            if self.c._fix(problem, repair):
+                self.tx.delete(key, db=self.store.extents)
+        for ino, inode in self.c.inodes.items():
+            if (
+                inode.is_reg
+                and inode.data_bytes != data_bytes[ino]
+                and self.c._fix(
+                    f"inode {ino}: data_bytes {inode.data_bytes}, extents hold {data_bytes[ino]}",
+                    "data_bytes corrected",
+                )
+            ):
+                inode.data_bytes = data_bytes[ino]
+                self.store.put_inode(self.tx, inode)
+
+    def _check_refcounts(self) -> None:
+        index = ChunkIndex(self.store)
+        for chunk_id, record in list(self.chunks.items()):
+            used = self.uses[chunk_id]
+            name = chunk_id.hex()[:16]
+            if used == 0:
+                if self.c._fix(f"chunk {name} is used by no extent (leaked)", "chunk removed"):
+                    del self.chunks[chunk_id]
+                    self.tx.delete(chunk_id, db=self.store.chunks)
+                    for tier, seg, off in record.locations:
+                        if tier == TIER_HOT:
+                            self.hot.punch(seg, off, record.frame_len)
+            elif record.refcount != used and self.c._fix(
+                f"chunk {name}: refcount {record.refcount}, used by {used} extents",
+                "refcount corrected",
+            ):
+                record.refcount = used
+                index.put(self.tx, chunk_id, record)
+
+    def _check_segments(self) -> None:
+        live: Counter[int] = Counter()
+        frames: Counter[int] = Counter()
+        for chunk_id, record in self.chunks.items():
+            for tier, seg, off in record.locations:
+                if tier != TIER_HOT:
+                    continue
+                segment = self.segments.get(seg)
+                if segment is None or off + record.frame_len > segment.end:
+                    self.c.result.add(
+                        f"chunk {chunk_id.hex()[:16]}: hot copy outside the committed part of "
+                        f"segment {seg}"
+                    )
+                live[seg] += record.frame_len
+                frames[seg] += 1
+        index = ChunkIndex(self.store)
+        for seg, seg_rec in self.segments.items():
+            if (seg_rec.live_bytes, seg_rec.live_frames) != (
+                live[seg],
+                frames[seg],
+            ) and self.c._fix(
+                f"segment {seg}: live {seg_rec.live_bytes} bytes/{seg_rec.live_frames} frames, "
+                f"chunks say {live[seg]}/{frames[seg]}",
+                "live counts corrected",
+            ):
+                seg_rec.live_bytes, seg_rec.live_frames = live[seg], frames[seg]
+                index.put_segment(self.tx, seg, seg_rec)
+        for seg, path in list(self.hot.all_segments()):
+            if seg not in self.segments:
+                if self.c._fix(f"segment file {path.name} is not in the index", "file removed"):
+                    self.hot.delete(seg)
+            elif path.stat().st_size > self.segments[seg].end and self.c._fix(
+                f"segment {seg} holds bytes past its committed end", "cut at the committed end"
+            ):
+                self.hot.cut_to(seg, self.segments[seg].end)
+        self.hot.close()
+
+    def _check_stats(self) -> None:
+        raw = self.tx.get(schema.K_CHUNK_STATS, db=self.store.meta)
+        found = _STATS.unpack(raw) if raw else (0, 0, 0, 0)
+        expected = (
+            len(self.chunks),
+            sum(r.raw_len for r in self.chunks.values()),
+            sum(r.frame_len for r in self.chunks.values()),
+            self.referenced,
+        )
+        if found != expected and self.c._fix(
+            f"chunk counters {found} differ from the index {expected}", "counters recomputed"
+        ):
+            self.tx.put(schema.K_CHUNK_STATS, _STATS.pack(*expected), db=self.store.meta)

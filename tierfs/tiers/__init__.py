@@ -1,0 +1,1 @@
+"""Where chunks live: the hot tier on the data directory (later: ZNS zones, object stores)."""

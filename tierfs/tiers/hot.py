@@ -1,0 +1,162 @@
+"""The hot tier: chunk frames appended to segment files on the data directory.
+
+Why segments and not a file per chunk: a small file must not cost extra disk creates, so many
+frames share one append-only file (DATA_DIR/hot/XX/SSSSSSSSSSSSSSSS.seg, at most
+`segment_bytes` long). A freed frame's whole 4 KiB blocks are punched out at once
+(fallocate PUNCH_HOLE), so space returns without rewriting the segment; a segment with no
+live frame left is deleted.
+
+Ownership: the index (DB_SEGMENTS) says how far each segment is committed (`end`); bytes
+beyond it are leftovers of an append whose commit never happened and are cut at mount.
+Appends and syncs run in worker threads under the sealer's lock (one appender at a time);
+the bookkeeping (`tail`) is only read and written by the trio thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from tierfs.osutil import punch_hole
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_SEGMENTS = 64
+
+
+class HotStore:
+    """Segment files under DATA_DIR/hot."""
+
+    def __init__(self, root: Path, segment_bytes: int = 64 << 20) -> None:
+        self.root = root
+        self.segment_bytes = segment_bytes
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+        self.active: int | None = None
+        self.tail = 0
+
+    def path(self, seg: int) -> Path:
+        return self.root / f"{seg & 0xFF:02x}" / f"{seg:016x}.seg"
+
+    # -- file handles (shared by worker threads)
+
+    def _fd(self, seg: int, create: bool = False) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(seg)
+            if fd is not None:
+                self._fds.move_to_end(seg)
+                return fd
+            path = self.path(seg)
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+            self._fds[seg] = fd
+            while len(self._fds) > MAX_OPEN_SEGMENTS:
+                old_seg, old_fd = self._fds.popitem(last=False)
+                if old_seg == self.active:
+                    self._fds[old_seg] = old_fd
+                    continue
+                os.close(old_fd)
+            return fd
+
+    def _forget_fd(self, seg: int) -> None:
+        with self._fd_lock:
+            fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- appending (worker thread, one appender at a time)
+
+    def needs_new_segment(self, size: int) -> bool:
+        return self.active is None or (self.tail > 0 and self.tail + size > self.segment_bytes)
+
+    def start_segment(self, seg: int) -> None:
+        """Make `seg` the active segment (its id was allocated in the index)."""
+        self.active = seg
+        self.tail = 0
+
+    def resume(self, seg: int, end: int) -> None:
+        """Continue appending to `seg` at its committed end (at mount)."""
+        self.active = seg
+        self.tail = end
+
+    def append(self, seg: int, offset: int, frames: list[bytes]) -> None:
+        """Write `frames` back to back at `offset` of segment `seg`, and fdatasync it."""
+        fd = self._fd(seg, create=True)
+        data = b"".join(frames)
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+        os.fdatasync(fd)
+
+    def sync_new_segment_dirs(self, seg: int) -> None:
+        """fsync the directories that name a new segment, so the file survives power loss."""
+        for d in (self.path(seg).parent, self.root):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- reading and freeing
+
+    def read(self, seg: int, offset: int, length: int) -> bytes:
+        """The bytes of one frame (worker thread)."""
+        return os.pread(self._fd(seg), length, offset)
+
+    def punch(self, seg: int, offset: int, length: int) -> None:
+        """Give back the whole blocks of a dead frame (worker thread)."""
+        try:
+            fd = self._fd(seg)
+        except FileNotFoundError:
+            return
+        punch_hole(fd, offset, length)
+
+    def delete(self, seg: int) -> None:
+        self._forget_fd(seg)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(seg))
+
+    def cut_to(self, seg: int, end: int) -> bool:
+        """Cut a segment to its committed end; True if it was longer (crash leftover)."""
+        path = self.path(seg)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if size <= end:
+            return False
+        os.truncate(path, end)
+        return True
+
+    def all_segments(self) -> Iterator[tuple[int, Path]]:
+        if not self.root.exists():
+            return
+        for bucket in sorted(self.root.iterdir()):
+            if not bucket.is_dir():
+                continue
+            for f in bucket.iterdir():
+                try:
+                    yield int(f.stem, 16), f
+                except ValueError:
+                    yield -1, f
+
+    def allocated_bytes(self) -> int:
+        total = 0
+        for _, path in self.all_segments():
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_blocks * 512
+        return total
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
