@@ -38,10 +38,10 @@ setup-test: deb-packages $(VENV)/.installed-test
 run: setup
 	@mkdir -p $(DEMO)/mnt
 	@[ -f $(DEMO)/data/tierfs.toml ] || $(BIN)/tierfs mkfs $(DEMO)/data --site demo
-	@if grep -qs " $$(realpath $(DEMO)/mnt) fuse.tierfs " /proc/self/mountinfo; then \
+	@if $(BIN)/python -m tierfs.datadir --is-mounted $(DEMO)/mnt; then \
 		echo "already mounted at $(DEMO)/mnt"; \
 	else \
-		mountpoint -q $(DEMO)/mnt && fusermount3 -u -z $(DEMO)/mnt || true; \
+		fusermount3 -u -z $(DEMO)/mnt 2>/dev/null || true; \
 		$(BIN)/tierfs mount $(DEMO)/data $(DEMO)/mnt; \
 	fi
 	@echo

@@ -63,3 +63,23 @@ def test_config_round_trip_and_errors(tmp_path: Path) -> None:
     assert exc.value.exit_code == ExitCode.VERSION
     with pytest.raises(TierfsError, match="must be >="):
         config.parse({"metadata": {"commit_interval": 0}}, "x")
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 300), st.integers(0, 80)), max_size=20),
+    st.integers(0, 300),
+    st.integers(0, 120),
+)
+def test_rangeset_remove_and_intersect(
+    adds: list[tuple[int, int]], start: int, length: int
+) -> None:
+    ranges = RangeSet()
+    model: set[int] = set()
+    for a, n in adds:
+        ranges.add(a, a + n)
+        model |= set(range(a, a + n))
+    window = set(range(start, start + length))
+    inside = {x for s, e in ranges.intersect(start, start + length) for x in range(s, e)}
+    assert inside == model & window
+    ranges.remove(start, start + length)
+    assert {x for s, e in ranges.as_list() for x in range(s, e)} == model - window

@@ -244,7 +244,12 @@ def parse(raw: dict[str, Any], where: str) -> Config:
     if version != CONFIG_FORMAT_VERSION:
         raise TierfsError(
             f"{where}: format_version {version} is not supported (this tierfs reads "
-            f"{CONFIG_FORMAT_VERSION}); run 'tierfs upgrade'",
+            f"{CONFIG_FORMAT_VERSION}); "
+            + (
+                "install a newer tierfs"
+                if isinstance(version, int) and version > CONFIG_FORMAT_VERSION
+                else "rewrite it with 'tierfs mkfs' settings"
+            ),
             ExitCode.VERSION,
         )
     config = defaults()

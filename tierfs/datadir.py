@@ -185,3 +185,23 @@ def mountpoint_of(data_dir: DataDir) -> Path | None:
         if src == root:
             return mnt
     return None
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m tierfs.datadir --is-mounted DIR`: exit 0 when DIR is a live tierfs mount."""
+    if len(argv) != 2 or argv[0] != "--is-mounted":
+        return 2
+    mnt = Path(argv[1]).absolute()
+    if mnt not in tierfs_mounts() and Path(os.path.realpath(mnt)) not in tierfs_mounts():
+        return 1
+    try:
+        os.stat(mnt)
+    except OSError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

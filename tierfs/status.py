@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tierfs import config
 from tierfs.data.chunkstore import ChunkIndex, ChunkStats
 from tierfs.datadir import DataDir
 from tierfs.meta.records import Inode, decode_ranges
@@ -42,7 +43,7 @@ def collect(
     tiers["hot"] = {"bytes": _allocated(data_dir.hot), "stored_bytes": stats.stored_bytes}
     doc: dict[str, Any] = {
         "schema_version": STATUS_SCHEMA_VERSION,
-        "site": info["site"],
+        "site": config.load(data_dir.root).site,
         "fs_uuid": info["uuid"],
         "metadata_schema": info["schema"],
         "mounted": mounted,

@@ -34,6 +34,7 @@ class Durability:
         self.io_limiter = io_limiter
         self._last_commit = time.monotonic()
         self.fsyncs = 0
+        self._sync_lock = trio.Lock()
 
     def commit(self) -> None:
         """Fold staged ranges into the group and commit it (trio thread, no await)."""
@@ -44,16 +45,21 @@ class Durability:
         self._last_commit = time.monotonic()
 
     async def sync(self, ino: int | None) -> None:
-        """Make one inode's data (or all staged data) and all metadata durable."""
-        work = self.ns.staging.take_sync_work(ino)
-        await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
-        crash_point("fsync-after-data")
-        self.commit()
-        committed = self.store.commits
-        await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
-        self.store.durable_commits = max(self.store.durable_commits, committed)
-        crash_point("fsync-after-commit")
-        self.fsyncs += 1
+        """Make one inode's data (or all staged data) and all metadata durable.
+
+        Syncs run one at a time: `take_sync_work` hands a file or directory to exactly one
+        sync, so a second sync must not return before the first one's flush has finished.
+        """
+        async with self._sync_lock:
+            work = self.ns.staging.take_sync_work(ino)
+            await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
+            crash_point("fsync-after-data")
+            self.commit()
+            committed = self.store.commits
+            await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
+            self.store.durable_commits = max(self.store.durable_commits, committed)
+            crash_point("fsync-after-commit")
+            self.fsyncs += 1
 
     async def run(self) -> None:
         """The committer task: commit every `interval`, or sooner once `max_ops` piled up."""

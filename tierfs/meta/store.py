@@ -140,7 +140,8 @@ class MetaStore:
             )
         if major < schema.SCHEMA_MAJOR:
             raise TierfsError(
-                f"{path}: metadata schema {major}.{minor} is older; run 'tierfs upgrade'",
+                f"{path}: metadata schema {major}.{minor} is older than this tierfs reads "
+                f"({schema.SCHEMA_MAJOR}); no upgrade path exists for it yet",
                 ExitCode.VERSION,
             )
 
