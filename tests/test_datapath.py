@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,40 @@ def test_disk_full_gives_enospc_and_recovers(small_fs: Mount) -> None:
     assert (fs.mnt / "after").read_bytes() == b"space is back"
     fs.remount()
     assert (fs.mnt / "keep").read_bytes() == keep
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def test_compaction_rechunks_fragmented_file_and_dedup_recovers(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    configure(data_dir, seal__compact_min_extents=16, seal__quiet_period=0.0)
+    with mounted(tmp_path, data_dir) as fs:
+        rng = random.Random(SEED)
+        data = bytearray(random_bytes(4 * MiB))
+        (fs.mnt / "f").write_bytes(data)
+        flush(fs)
+        with open(fs.mnt / "f", "r+b") as f:
+            for _ in range(150):
+                off = rng.randrange(0, len(data) - 4096)
+                patch = rng.randbytes(4096)
+                f.seek(off)
+                f.write(patch)
+                data[off : off + 4096] = patch
+        flush(fs)
+        wait_for(lambda: status(fs)["seal"]["compactions"] >= 1)
+        flush(fs)
+        assert (fs.mnt / "f").read_bytes() == bytes(data)
+        before = stored(fs)
+        (fs.mnt / "copy").write_bytes(bytes(data))
+        grown = stored(fs) - before
+        assert grown < 2 * MiB, f"a copy of the compacted file stored {grown} new bytes"
+        fs.remount()
+        assert (fs.mnt / "f").read_bytes() == bytes(data)
+        fs.umount()
+        assert run_cli("fsck", fs.data).returncode == 0

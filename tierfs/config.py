@@ -135,6 +135,22 @@ SETTINGS: tuple[Setting, ...] = (
         "File names (comma-separated globs) cut into fixed-size blocks instead of FastCDC:\n"
         "# files rewritten in place, such as databases and VM images.",
     ),
+    Setting(
+        "seal",
+        "compact_min_extents",
+        int,
+        64,
+        "A file is compacted (re-chunked) only when it has more extents than this...",
+        1,
+    ),
+    Setting(
+        "seal",
+        "compact_ratio",
+        float,
+        4.0,
+        "...and more than this many times the extents its size needs.",
+        1.0,
+    ),
     Setting("hot", "segment_mb", int, 64, "Size at which a hot-tier segment file is closed.", 1),
     Setting(
         "hot",

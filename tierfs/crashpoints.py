@@ -23,6 +23,10 @@ POINTS: dict[str, str] = {
     "rename-after": "a rename was applied, not yet committed",
     "recovery-after-orphans": "mount-time recovery removed orphans, not yet marked in use",
     "shutdown-before-final-commit": "unmounting, the final commit not yet written",
+    "seal-after-append": "a seal round's frames are durable past the segment's committed end",
+    "seal-after-install": "a seal round's extents and chunks are in the group, not committed",
+    "punch-before": "a seal is durable; its bytes are not yet punched out of staging",
+    "compact-after-restage": "a fragmented file's bytes are back in staging, not yet resealed",
 }
 
 _armed = os.environ.get(ENV)

@@ -29,6 +29,7 @@ from tierfs.data import domain as domain_mod
 from tierfs.data.cache import ChunkCache
 from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex
+from tierfs.data.compactor import Compactor
 from tierfs.data.extents import ExtentMap
 from tierfs.data.reader import FileReader
 from tierfs.data.sealer import Sealer, SealPolicy
@@ -59,6 +60,7 @@ class Daemon:
     hot: HotStore
     reader: FileReader
     sealer: Sealer
+    compactor: Compactor
 
     async def handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
         self.durability.commit()
@@ -72,7 +74,11 @@ class Daemon:
                 "io": self.reader.io_errors,
                 "seal": self.sealer.failures,
             },
-            "seal": {"rounds": self.sealer.rounds, "sealed_bytes": self.sealer.sealed_bytes},
+            "seal": {
+                "rounds": self.sealer.rounds,
+                "sealed_bytes": self.sealer.sealed_bytes,
+                "compactions": self.compactor.compacted,
+            },
             "cache": {
                 "bytes": self.reader.cache.bytes,
                 "hits": self.reader.cache.hits,
@@ -167,6 +173,13 @@ def open_daemon(
     sealer = Sealer(
         ns, chunks, extents, hot, Chunker(domain), durability, policy, cpu_limiter, io_limiter
     )
+    compactor = Compactor(
+        sealer,
+        reader,
+        config.get("seal", "compact_min_extents"),
+        config.get("seal", "compact_ratio"),
+        domain.chunker.avg_size + domain.chunker.min_size,
+    )
     ops = TierfsOperations(
         ns,
         reader,
@@ -176,7 +189,9 @@ def open_daemon(
         config.get("mount", "entry_timeout"),
         config.get("staging", "reserve_mb") << 20,
     )
-    return Daemon(data_dir, mountpoint, config, store, ns, durability, ops, hot, reader, sealer)
+    return Daemon(
+        data_dir, mountpoint, config, store, ns, durability, ops, hot, reader, sealer, compactor
+    )
 
 
 def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: bool) -> None:
@@ -238,6 +253,7 @@ async def _serve(daemon: Daemon, ready_fd: int) -> None:
         )
         nursery.start_soon(daemon.durability.run)
         nursery.start_soon(daemon.sealer.run)
+        nursery.start_soon(daemon.compactor.run)
         nursery.start_soon(_signals)
         if ready_fd >= 0:
             _report(ready_fd, "OK")

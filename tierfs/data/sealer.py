@@ -107,6 +107,7 @@ class Sealer:
         self.cpu_limiter = cpu_limiter
         self.io_limiter = io_limiter
         self.lock = trio.Lock()
+        self.partial_inodes: set[int] = set()
         self.rounds = 0
         self.sealed_bytes = 0
         self.failures = 0
@@ -328,6 +329,8 @@ class Sealer:
                 self.staging.unstage(job.ino, x, y)
                 self.staging.defer_punch(self.store.commits, job.ino, x, y)
                 self.sealed_bytes += y - x
+        if sum(b - a for a, b, _ in job.ranges) < inode.size:
+            self.partial_inodes.add(job.ino)
         self.store.put_inode(tx, inode)
 
     # -- giving space back after durable commits

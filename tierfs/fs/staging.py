@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tierfs.crashpoints import crash_point
 from tierfs.fs.ranges import RangeSet
 from tierfs.osutil import punch_hole
 
@@ -91,6 +92,19 @@ class Staging:
         self.unsynced_files.add(ino)
         return written
 
+    def write_unmarked(self, ino: int, offset: int, data: bytes) -> None:
+        """Write bytes that are not staged yet (compaction marks them once durable)."""
+        fd = self._fds[ino]
+        self._check_space(len(data))
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+        self.unsynced_files.add(ino)
+
+    def mark(self, ino: int, start: int, end: int) -> None:
+        self._mark(ino, start, end)
+
     def read(self, ino: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(ino)
         if fd is not None:
@@ -151,6 +165,8 @@ class Staging:
         being sealed right now is left for a later call.
         """
         keep = []
+        if any(item[0] < durable_commits for item in self._deferred):
+            crash_point("punch-before")
         for item in self._deferred:
             commit, ino, start, end = item
             if commit >= durable_commits or ino in self.touched:
