@@ -227,3 +227,24 @@ def test_compaction_rechunks_fragmented_file_and_dedup_recovers(
         assert (fs.mnt / "f").read_bytes() == bytes(data)
         fs.umount()
         assert run_cli("fsck", fs.data).returncode == 0
+
+
+def test_hot_limit_full_gives_enospc_and_keeps_data(tmp_path: Path, data_dir: Path) -> None:
+    configure(data_dir, hot__max_mb=4, staging__max_mb=4, seal__quiet_period=0.0)
+    with mounted(tmp_path, data_dir) as fs:
+        keep = random_bytes(3 * MiB)
+        (fs.mnt / "keep").write_bytes(keep)
+        flush(fs)
+        with pytest.raises(OSError) as exc, open(fs.mnt / "more", "wb") as f:
+            for i in range(64):
+                f.write(random_bytes(MiB, seed=100 + i))
+                f.flush()
+                time.sleep(0.05)
+        assert exc.value.errno == errno.ENOSPC
+        assert (fs.mnt / "keep").read_bytes() == keep
+        (fs.mnt / "more").unlink()
+        (fs.mnt / "keep").unlink()
+        flush(fs)
+        (fs.mnt / "again").write_bytes(keep)
+        flush(fs)
+        assert (fs.mnt / "again").read_bytes() == keep

@@ -95,6 +95,15 @@ SETTINGS: tuple[Setting, ...] = (
         0,
     ),
     Setting(
+        "staging",
+        "max_mb",
+        int,
+        0,
+        "Largest amount of staged (not yet sealed) data in MiB; writers get ENOSPC above it.\n"
+        "# 0 means bounded by the disk and the reserve only.",
+        0,
+    ),
+    Setting(
         "seal",
         "quiet_period",
         float,

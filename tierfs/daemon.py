@@ -144,7 +144,11 @@ def open_daemon(
         data_dir.meta, preallocate_bytes=config.get("metadata", "preallocate_mb") << 20
     )
     domain = domain_mod.load(data_dir.domain)
-    staging = Staging(data_dir.staging, config.get("staging", "reserve_mb") << 20)
+    staging = Staging(
+        data_dir.staging,
+        config.get("staging", "reserve_mb") << 20,
+        config.get("staging", "max_mb") << 20,
+    )
     chunks = ChunkIndex(store)
     extents = ExtentMap(store, chunks)
     hot = HotStore(data_dir.hot, config.get("hot", "segment_mb") << 20)

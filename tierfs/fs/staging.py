@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 class Staging:
     """Per-inode staging files under DATA_DIR/staging, with a shared fd per open inode."""
 
-    def __init__(self, root: Path, reserve_bytes: int) -> None:
+    def __init__(self, root: Path, reserve_bytes: int, max_bytes: int = 0) -> None:
         self.root = root
         self.reserve_bytes = reserve_bytes
+        self.max_bytes = max_bytes
+        self._total_checked = (0.0, 0)
         self._fds: dict[int, int] = {}
         self._users: dict[int, int] = {}
         self.ranges: dict[int, RangeSet] = {}
@@ -200,10 +202,21 @@ class Staging:
             if own and fd is not None:
                 os.close(fd)
 
+    def _recent_total(self) -> int:
+        """staged_total(), recomputed at most every 0.1 s: writes check it on every call."""
+        when, total = self._total_checked
+        now = time.monotonic()
+        if now - when > 0.1:
+            total = self.staged_total()
+            self._total_checked = (now, total)
+        return total
+
     def staged_total(self) -> int:
         return sum(self.ranges[i].total() for i in self.dirty_since if i in self.ranges)
 
     def _check_space(self, size: int) -> None:
+        if self.max_bytes > 0 and self._recent_total() + size > self.max_bytes:
+            raise OSError(errno.ENOSPC, "staging limit reached")
         if self.reserve_bytes <= 0:
             return
         st = os.statvfs(self.root)
