@@ -248,3 +248,11 @@ def test_hot_limit_full_gives_enospc_and_keeps_data(tmp_path: Path, data_dir: Pa
         (fs.mnt / "again").write_bytes(keep)
         flush(fs)
         assert (fs.mnt / "again").read_bytes() == keep
+
+
+def test_dedup_within_a_file(fs: Mount) -> None:
+    block = random_bytes(2 * MiB)
+    (fs.mnt / "repeats").write_bytes(block * 8)
+    total = stored(fs)
+    assert total < 4 * MiB, f"8 repeats of a 2 MiB block stored {total} bytes"
+    assert (fs.mnt / "repeats").read_bytes() == block * 8
