@@ -113,6 +113,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "seal",
+        "idle_delay",
+        float,
+        0.5,
+        "Closed files are sealed only after the filesystem has had no request for this long\n"
+        "# (background work yields to applications); age and staging pressure seal anyway.",
+        0.0,
+    ),
+    Setting(
+        "seal",
         "max_dirty_age",
         float,
         300.0,

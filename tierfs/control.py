@@ -4,8 +4,8 @@ The socket lives at DATA_DIR/run/control.sock. Unix socket paths are limited to 
 both ends address it through /proc/self/fd/N of an open handle on DATA_DIR/run, which keeps the
 path short wherever the data directory is.
 
-Requests: {"cmd": "ping"}, {"cmd": "status"}, {"cmd": "sync"}. Answers: {"ok": true, ...} or
-{"ok": false, "error": "..."}.
+Requests: {"cmd": C} with C one of ping, status, sync, flush, drop_cache. Answers:
+{"ok": true, ...} or {"ok": false, "error": "...", "code": EXIT_CODE}.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ async def _serve_one(stream: trio.SocketStream, handlers: dict[str, Handler]) ->
             try:
                 answer = {"ok": True, **(await handler(request))}
             except TierfsError as exc:
-                answer = {"ok": False, "error": exc.message}
+                answer = {"ok": False, "error": exc.message, "code": int(exc.exit_code)}
             except Exception as exc:
                 log.exception("control request %s failed", request.get("cmd"))
                 answer = {"ok": False, "error": f"internal error: {exc}"}
@@ -118,5 +118,10 @@ def request(sock_path: Path, cmd: str, timeout: float = 30.0, **args: Any) -> di
     except ValueError:
         raise TierfsError(f"daemon gave no answer to '{cmd}'", ExitCode.INTERNAL) from None
     if not answer.get("ok"):
-        raise TierfsError(f"daemon: {answer.get('error')}", ExitCode.INTERNAL)
+        code = answer.get("code", ExitCode.INTERNAL)
+        try:
+            exit_code = ExitCode(code)
+        except ValueError:
+            exit_code = ExitCode.INTERNAL
+        raise TierfsError(f"daemon: {answer.get('error')}", exit_code)
     return answer

@@ -37,10 +37,12 @@ from tierfs.datadir import FSTYPE, DataDir, MountLock
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.namespace import Namespace
-from tierfs.fs.operations import TierfsOperations
+from tierfs.fs.operations import TierfsOperations, activity
 from tierfs.fs.recovery import mark_clean, recover
 from tierfs.fs.staging import Staging
+from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
+from tierfs.osutil import tune_malloc
 from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,7 @@ def open_daemon(
         data_dir.meta, preallocate_bytes=config.get("metadata", "preallocate_mb") << 20
     )
     domain = domain_mod.load(data_dir.domain)
+    _check_domain(store, domain)
     staging = Staging(
         data_dir.staging,
         config.get("staging", "reserve_mb") << 20,
@@ -173,10 +176,12 @@ def open_daemon(
         batch_bytes=config.get("seal", "batch_mb") << 20,
         zstd_level=config.get("seal", "zstd_level"),
         hot_max_bytes=config.get("hot", "max_mb") << 20,
+        idle_delay=config.get("seal", "idle_delay"),
     )
     sealer = Sealer(
         ns, chunks, extents, hot, Chunker(domain), durability, policy, cpu_limiter, io_limiter
     )
+    sealer.activity = activity
     compactor = Compactor(
         sealer,
         reader,
@@ -198,9 +203,21 @@ def open_daemon(
     )
 
 
+def _check_domain(store: MetaStore, domain: domain_mod.Domain) -> None:
+    """A swapped domain file would silently name chunks differently: refuse it."""
+    recorded = store.tx.get(schema.K_DOMAIN_ID, db=store.meta)
+    if recorded is not None and bytes(recorded).decode() != domain.domain_id:
+        raise TierfsError(
+            f"domain.json is domain {domain.domain_id}, but this filesystem belongs to "
+            f"{bytes(recorded).decode()}; restore its own domain file",
+            ExitCode.CONFIG,
+        )
+
+
 def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: bool) -> None:
     """Mount and serve until unmounted or signalled. Raises TierfsError before ready."""
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+    tune_malloc()
     lock = MountLock(data_dir)
     mounted = False
     daemon: Daemon | None = None

@@ -3,7 +3,9 @@
 Layout (docs/FORMAT.md has the details):
 
     DATA_DIR/tierfs.toml      settings
+    DATA_DIR/domain.json      the dedup domain: id key, secret, chunker (mode 0600)
     DATA_DIR/meta/            the LMDB environment
+    DATA_DIR/hot/XX/S.seg     hot-tier segment files of chunk frames
     DATA_DIR/staging/XX/INO   per-inode staging files (XX = low byte of the inode number)
     DATA_DIR/run/control.sock the running daemon's control socket
     DATA_DIR/run/daemon.pid   its pid

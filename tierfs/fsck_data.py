@@ -142,7 +142,7 @@ class DataChecker:
         for seg, path in list(self.hot.all_segments()):
             if seg not in self.segments:
                 if self.c._fix(f"segment file {path.name} is not in the index", "file removed"):
-                    self.hot.delete(seg)
+                    path.unlink()
             elif path.stat().st_size > self.segments[seg].end and self.c._fix(
                 f"segment {seg} holds bytes past its committed end", "cut at the committed end"
             ):

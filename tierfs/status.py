@@ -1,7 +1,7 @@
 """`tierfs status`: what the filesystem holds and where, as a versioned JSON document.
 
-The schema is published in docs/STATUS.md. Keys are only ever added, never renamed; the
-`schema_version` field changes its minor number when keys are added.
+The schema is published in docs/STATUS.md. Keys are only ever added, never renamed. Until the
+first release `schema_version` stays "1.0"; after it, its minor number grows with added keys.
 """
 
 from __future__ import annotations

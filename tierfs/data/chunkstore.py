@@ -3,15 +3,18 @@
 A chunk's refcount is the number of extents that point at it. When it drops to zero the
 record is deleted in the same operation, but its frame is not punched yet: the deletion is
 only safe once the commit that made it is durable (invariant 3: a copy is never dropped while
-durable metadata may still point at it). Such frees wait in `pending_frees` until
-`Durability` has synced a commit that covers them, and while no read has the frame pinned.
+durable metadata may still point at it). Such frees wait in `pending_frees` until a durable
+commit covers them, and while no read has the frame (or, for a whole segment, any frame of
+it) pinned. Each free is also recorded in DB_FREES in the same operation, and the record is
+removed once the space is given back: a free that a crash interrupted is finished at mount.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,12 @@ from tierfs.meta.records import TIER_HOT, ChunkRecord, SegmentRecord
 from tierfs.meta.store import MetaStore
 
 _STATS = struct.Struct(">QQQQ")
+_FREE_KEY = struct.Struct(">QQ")
+_I64 = struct.Struct(">q")
+
+
+def _free_key(seg: int, offset: int) -> bytes:
+    return _FREE_KEY.pack(seg, offset)
 
 
 @dataclass
@@ -96,9 +105,28 @@ class ChunkIndex:
 
     def free_frame(self, tx: Any, seg: int, offset: int, length: int) -> None:
         """Queue a frame's space for release once this change is durable."""
-        self.pending_frees.append(PendingFree(self.store.commits, seg, offset, length))
+        self._queue_free(tx, seg, offset, length)
         if self._segment_delta(tx, seg, -length, -1):
-            self.pending_frees.append(PendingFree(self.store.commits, seg, 0, -1))
+            self._queue_free(tx, seg, 0, -1)
+
+    def _queue_free(self, tx: Any, seg: int, offset: int, length: int) -> None:
+        self.pending_frees.append(PendingFree(self.store.commits, seg, offset, length))
+        tx.put(_free_key(seg, offset), _I64.pack(length), db=self.store.frees)
+
+    def forget_frees(self, done: list[PendingFree]) -> None:
+        """The space of these frees is given back: drop their records."""
+        with self.store.op() as tx:
+            for f in done:
+                tx.delete(_free_key(f.seg, f.offset), db=self.store.frees)
+
+    def recorded_frees(self, tx: Any = None) -> list[PendingFree]:
+        """Every free recorded in the index (at mount: all of them are durable)."""
+        out = []
+        with (tx or self.store.tx).cursor(db=self.store.frees) as cur:
+            for key, value in cur:
+                seg, offset = _FREE_KEY.unpack(bytes(key))
+                out.append(PendingFree(-1, seg, offset, _I64.unpack(bytes(value))[0]))
+        return out
 
     def referenced(self, tx: Any, delta: int) -> None:
         self._stats_delta(tx, referenced=delta)
@@ -133,7 +161,7 @@ class ChunkIndex:
         record.active = False
         if record.live_frames <= 0:
             tx.delete(schema.ino_key(seg), db=self.store.segments)
-            self.pending_frees.append(PendingFree(self.store.commits, seg, 0, -1))
+            self._queue_free(tx, seg, 0, -1)
         else:
             self.put_segment(tx, seg, record)
 
@@ -157,13 +185,27 @@ class ChunkIndex:
             db=self.store.meta,
         )
 
+    @contextlib.contextmanager
+    def pin(self, seg: int, offset: int) -> Iterator[None]:
+        """Keep a frame (and its segment) from being freed while a read uses it."""
+        key = (seg, offset)
+        self.pinned[key] += 1
+        try:
+            yield
+        finally:
+            self.pinned[key] -= 1
+            if self.pinned[key] <= 0:
+                del self.pinned[key]
+
     # -- frees after durable commits
 
     def take_durable_frees(self, durable_commits: int) -> list[PendingFree]:
         """Frees whose commit is durable and whose frame no read has pinned."""
         ready, keep = [], []
+        pinned_segments = {seg for seg, _ in self.pinned}
         for f in self.pending_frees:
-            if f.commit < durable_commits and (f.seg, f.offset) not in self.pinned:
+            busy = f.seg in pinned_segments if f.length < 0 else (f.seg, f.offset) in self.pinned
+            if f.commit < durable_commits and not busy:
                 ready.append(f)
             else:
                 keep.append(f)

@@ -71,8 +71,9 @@ class Compactor:
             self.ns.staging.acquire(ino)
             try:
                 written = self._copy(ino, extents, plaintexts)
-                work = self.ns.staging.take_sync_work(ino)
-                await trio.to_thread.run_sync(work.run, limiter=self.sealer.io_limiter)
+                async with self.sealer.durability.sync_lock:
+                    work = self.ns.staging.take_sync_work(ino)
+                    await trio.to_thread.run_sync(work.run, limiter=self.sealer.io_limiter)
                 copied = self._mark(ino, written)
             finally:
                 self.ns.staging.release(ino)
@@ -91,7 +92,8 @@ class Compactor:
             if record is None or hot is None:
                 continue
             piece = ChunkPiece(0, 0, ext.chunk_id, 0, hot[0], hot[1], record.frame_len)
-            out[ext.chunk_id] = await self.reader.chunk_data(ino, piece)
+            with self.sealer.chunks.pin(hot[0], hot[1]):
+                out[ext.chunk_id] = await self.reader.chunk_data(ino, piece)
         return out
 
     def _current(self, ino: int) -> set[Extent]:

@@ -88,7 +88,10 @@ def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes
     if info.codec == CODEC_RAW:
         data = bytes(payload)
     else:
-        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=info.raw_len)
+        try:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=info.raw_len)
+        except zstandard.ZstdError as exc:
+            raise FrameError(f"payload does not decompress: {exc}") from None
     if len(data) != info.raw_len:
         raise FrameError("plaintext length mismatch")
     return data

@@ -8,6 +8,7 @@ frame's location stays pinned meanwhile so that a concurrent free cannot punch i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from dataclasses import dataclass
@@ -107,18 +108,12 @@ class FileReader:
         return pieces
 
     async def _fill(self, ino: int, buf: bytearray, pieces: list[ChunkPiece]) -> None:
-        for p in pieces:
-            self.chunks.pinned[(p.seg, p.frame_off)] += 1
-        try:
+        with contextlib.ExitStack() as pins:
+            for p in pieces:
+                pins.enter_context(self.chunks.pin(p.seg, p.frame_off))
             for p in pieces:
                 data = await self.chunk_data(ino, p)
                 buf[p.buf_off : p.buf_off + p.length] = data[p.chunk_off : p.chunk_off + p.length]
-        finally:
-            for p in pieces:
-                key = (p.seg, p.frame_off)
-                self.chunks.pinned[key] -= 1
-                if self.chunks.pinned[key] <= 0:
-                    del self.chunks.pinned[key]
 
     async def chunk_data(self, ino: int, p: ChunkPiece) -> bytes:
         """A chunk's plaintext from the cache, or loaded once however many readers wait."""

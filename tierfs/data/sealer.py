@@ -36,6 +36,7 @@ from tierfs.data.extents import Extent, ExtentMap
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.namespace import Namespace
+from tierfs.fs.operations import Activity
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta import schema
 from tierfs.meta.records import FLAG_FIXED_CHUNKING, TIER_HOT, ChunkRecord, SegmentRecord
@@ -44,6 +45,7 @@ from tierfs.tiers.hot import HotStore
 log = logging.getLogger(__name__)
 
 TICK = 0.2
+RETRY_DELAY = 2.0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class SealPolicy:
     batch_bytes: int = 64 << 20
     zstd_level: int = 3
     hot_max_bytes: int = 0
+    idle_delay: float = 0.5
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Sealer:
         self.cpu_limiter = cpu_limiter
         self.io_limiter = io_limiter
         self.lock = trio.Lock()
+        self.activity = Activity()
         self.partial_inodes: set[int] = set()
         self.rounds = 0
         self.sealed_bytes = 0
@@ -119,8 +123,8 @@ class Sealer:
         while True:
             try:
                 due = self.due()
-                if due:
-                    await self.seal_round(due)
+                if due and not await self.seal_round(due):
+                    await trio.sleep(RETRY_DELAY)
                 await self.release_space()
             except Exception:
                 self.failures += 1
@@ -130,14 +134,20 @@ class Sealer:
                 await trio.sleep(TICK)
 
     def due(self) -> list[int]:
-        """Inodes whose staged data should be sealed now, oldest first."""
+        """Inodes whose staged data should be sealed now, oldest first.
+
+        Closed files are sealed once quiet and while applications leave the filesystem
+        idle for `idle_delay`: sealing competes with them for the same two cores. Age and
+        staging pressure seal regardless.
+        """
         now = time.monotonic()
         p = self.policy
+        idle = self.activity.idle_for() >= p.idle_delay
         out = []
         for ino, since in self.staging.dirty_since.items():
             if now - since >= p.max_dirty_age:
                 out.append((since, ino))
-            elif ino not in self.ns.opens:
+            elif idle and ino not in self.ns.opens:
                 closed = self.ns.closed_at.get(ino, since)
                 if now - closed >= p.quiet_period:
                     out.append((since, ino))
@@ -165,12 +175,13 @@ class Sealer:
 
     # -- one round
 
-    async def seal_round(self, inos: list[int]) -> None:
+    async def seal_round(self, inos: list[int]) -> bool:
+        """Seal what can be sealed of `inos`; False when the round failed (and kept it all)."""
         async with self.lock:
             jobs = self._take(inos)
             log.debug("seal round for %s: %d jobs", inos[:8], len(jobs))
             if not jobs:
-                return
+                return True
             try:
                 await trio.to_thread.run_sync(self._cut, jobs, limiter=self.cpu_limiter)
                 new = self._dedup(jobs)
@@ -187,9 +198,11 @@ class Sealer:
                     sum(len(j.pieces) for j in jobs),
                     len(placed),
                 )
+                return True
             except OSError as exc:
                 self.failures += 1
                 log.warning("seal round failed, data stays staged: %s", exc)
+                return False
             finally:
                 for job in jobs:
                     self.staging.touched.pop(job.ino, None)
@@ -338,22 +351,19 @@ class Sealer:
     async def release_space(self) -> None:
         frees = self.chunks.take_durable_frees(self.store.durable_commits)
         if frees:
-            await trio.to_thread.run_sync(self._free_frames, frees, limiter=self.io_limiter)
+            await trio.to_thread.run_sync(self.free_frames, frees, limiter=self.io_limiter)
+            self.chunks.forget_frees(frees)
 
     def free_durable_now(self) -> None:
         """At unmount: give back every freed frame whose commit is durable."""
-        self._free_frames(self.chunks.take_durable_frees(self.store.durable_commits))
+        frees = self.chunks.take_durable_frees(self.store.durable_commits)
+        self.free_frames(frees)
+        self.chunks.forget_frees(frees)
 
-    def _free_frames(self, frees: list[PendingFree]) -> None:
+    def free_frames(self, frees: list[PendingFree]) -> None:
+        """Punch dead frames and delete empty segments (worker thread, or at unmount)."""
         for f in frees:
-            seg, offset, length = f.seg, f.offset, f.length
-            try:
-                if length < 0:
-                    self.hot.delete(seg)
-                else:
-                    self.hot.punch(seg, offset, length)
-            except OSError as exc:
-                log.warning("segment %d: could not free %d bytes: %s", seg, length, exc)
+            self.hot.give_back(f.seg, f.offset, f.length)
 
 
 def _pread_all(fd: int, offset: int, size: int) -> bytes:

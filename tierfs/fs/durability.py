@@ -34,7 +34,7 @@ class Durability:
         self.io_limiter = io_limiter
         self._last_commit = time.monotonic()
         self.fsyncs = 0
-        self._sync_lock = trio.Lock()
+        self.sync_lock = trio.Lock()
 
     def commit(self) -> None:
         """Fold staged ranges into the group and commit it (trio thread, no await)."""
@@ -50,7 +50,7 @@ class Durability:
         Syncs run one at a time: `take_sync_work` hands a file or directory to exactly one
         sync, so a second sync must not return before the first one's flush has finished.
         """
-        async with self._sync_lock:
+        async with self.sync_lock:
             work = self.ns.staging.take_sync_work(ino)
             await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
             crash_point("fsync-after-data")

@@ -88,12 +88,19 @@ class Namespace:
             return 0
         return inode.data_bytes + self.staged_ranges(inode.ino).total()
 
-    def staged_ranges(self, ino: int) -> RangeSet:
+    def staged_ranges(self, ino: int, tx: Any = None) -> RangeSet:
+        """The inode's staged ranges; loaded from the index the first time they are needed.
+
+        A file with nothing staged gets a fresh empty set that is not kept, so that stat()ing
+        many files does not grow the in-memory table. Inside an operation pass its `tx`:
+        LMDB forbids reading a transaction that has an open child.
+        """
         ranges = self.staging.ranges.get(ino)
         if ranges is None:
-            raw = self.store.tx.get(schema.ino_key(ino), db=self.store.staging)
-            ranges = RangeSet(decode_ranges(raw) if raw else None)
-            self.staging.ranges[ino] = ranges
+            raw = (tx or self.store.tx).get(schema.ino_key(ino), db=self.store.staging)
+            if not raw:
+                return RangeSet()
+            ranges = self.staging.ranges[ino] = RangeSet(decode_ranges(raw))
         return ranges
 
     def chunking_flags(self, name: bytes) -> int:
@@ -507,7 +514,7 @@ class Namespace:
         return inode
 
     def _truncate(self, tx: Any, inode: Inode, size: int, now: int) -> None:
-        self.staged_ranges(inode.ino)
+        self.staged_ranges(inode.ino, tx)
         self.staging.truncate(inode.ino, size, self.store.commits)
         if inode.data_bytes:
             inode.data_bytes -= self.extents.clear(tx, inode.ino, size, MAX_OFFSET)
@@ -551,7 +558,7 @@ class Namespace:
         written = self.staging.write(ino, offset, data)
         crash_point("write-after-staging")
         now = time.time_ns()
-        with self.store.op() as tx:
+        with self.store.single_put() as tx:
             inode = self.inode(ino, tx)
             inode.size = max(inode.size, offset + written)
             inode.mtime_ns = inode.ctime_ns = now

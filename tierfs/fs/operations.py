@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,11 +30,25 @@ R = TypeVar("R")
 BLOCK_SIZE = 4096
 
 
+class Activity:
+    """When the last FUSE request arrived: background work yields to applications."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last
+
+
+activity = Activity()
+
+
 def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Map FsError and OSError to FUSEError; log anything unexpected as an EIO."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        activity.last = time.monotonic()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -111,7 +126,17 @@ class TierfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self.attrs(self.ns.lookup(parent_inode, name))
+        try:
+            return self.attrs(self.ns.lookup(parent_inode, name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        # A negative entry the kernel may cache: every change goes through it, so it
+        # invalidates the entry itself when the name is created.
+        negative = pyfuse3.EntryAttributes()
+        negative.st_ino = pyfuse3.InodeT(0)
+        negative.entry_timeout = self.entry_timeout
+        return negative
 
     @fuse_errors
     async def forget(self, inode_list: Any) -> None:

@@ -4,6 +4,8 @@ Each leftover state below is expected after a crash (docs/ARCHITECTURE.md, crash
 repaired before the filesystem serves a request; none of them needs `fsck`:
 
 * orphans: inodes unlinked while open (DB_ORPHANS) -> records, extents and staging removed;
+* frees recorded in DB_FREES (their commit is durable) whose space was not given back yet
+  -> punched (or the empty segment deleted);
 * segment bytes past a segment's committed end (an append whose install never committed)
   -> cut; segment files the index does not know -> removed;
 * staging files of inodes the index does not know (created after the last commit) -> removed,
@@ -43,6 +45,7 @@ class RecoveryReport:
     trimmed_ranges: int = 0
     cut_segments: int = 0
     stray_segments: int = 0
+    finished_frees: int = 0
     was_clean: bool = True
 
     def anything(self) -> bool:
@@ -63,6 +66,7 @@ def recover(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> RecoveryReport:
     report.orphans = _remove_orphans(ns)
     crash_point("recovery-after-orphans")
     report.cut_segments, report.stray_segments = _recover_segments(ns, hot, chunks)
+    report.finished_frees = _finish_frees(ns, hot, chunks)
     if not report.was_clean:
         report.stray_staging = _repair_staging_files(ns)
         report.trimmed_ranges = _trim_ranges(ns)
@@ -121,6 +125,16 @@ def _recover_segments(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> tuple
                 os.unlink(path)
             stray += 1
     return cut, stray
+
+
+def _finish_frees(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> int:
+    """Give back space whose free was recorded (and so is durable) but not yet done."""
+    frees = chunks.recorded_frees()
+    for f in frees:
+        hot.give_back(f.seg, f.offset, f.length)
+    if frees:
+        chunks.forget_frees(frees)
+    return len(frees)
 
 
 def _repair_staging_files(ns: Namespace) -> int:

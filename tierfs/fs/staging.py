@@ -31,9 +31,11 @@ class Staging:
 
     def __init__(self, root: Path, reserve_bytes: int, max_bytes: int = 0) -> None:
         self.root = root
+        self._root_str = str(root)
         self.reserve_bytes = reserve_bytes
         self.max_bytes = max_bytes
         self._total_checked = (0.0, 0)
+        self._free_cache = (0.0, 0)
         self._fds: dict[int, int] = {}
         self._users: dict[int, int] = {}
         self.ranges: dict[int, RangeSet] = {}
@@ -42,10 +44,14 @@ class Staging:
         self.unsynced_files: set[int] = set()
         self.dirty_since: dict[int, float] = {}
         self.touched: dict[int, RangeSet] = {}
-        self._deferred: list[tuple[int, int, int, int]] = []
+        self._deferred: dict[int, list[tuple[int, int, int]]] = {}
 
     def path(self, ino: int) -> Path:
-        return self.root / f"{ino & 0xFF:02x}" / f"{ino:016x}"
+        return Path(self.path_str(ino))
+
+    def path_str(self, ino: int) -> str:
+        """The staging file's path as a string (hot path: no pathlib objects)."""
+        return f"{self._root_str}/{ino & 0xFF:02x}/{ino:016x}"
 
     # -- fd management
 
@@ -67,18 +73,19 @@ class Staging:
         os.close(self._fds.pop(ino))
 
     def _open(self, ino: int) -> int:
-        path = self.path(ino)
-        try:
-            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            pass
+        """Open (creating if needed) the staging file: one syscall in the common case.
+
+        Its directory is fsynced with the next sync either way; that costs one directory
+        fsync per sync, and saves a failed open per created file.
+        """
+        path = self.path_str(ino)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             self.unsynced_dirs.add(self.root)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.unsynced_dirs.add(path.parent)
+        self.unsynced_dirs.add(self.root / f"{ino & 0xFF:02x}")
         return fd
 
     def fd(self, ino: int) -> int | None:
@@ -145,6 +152,8 @@ class Staging:
         touched = self.touched.get(ino)
         if touched is not None:
             touched.add(start, end)
+        if ino in self._deferred:
+            self._cancel_punches(ino, start, end)
 
     def unstage(self, ino: int, start: int, end: int) -> None:
         """[start, end) is sealed: it no longer lives in staging."""
@@ -158,37 +167,61 @@ class Staging:
 
     def defer_punch(self, commit: int, ino: int, start: int, end: int) -> None:
         """Free [start, end) of the staging file once commit `commit` is durable."""
-        self._deferred.append((commit, ino, start, end))
+        self._deferred.setdefault(ino, []).append((commit, start, end))
+
+    def _cancel_punches(self, ino: int, start: int, end: int) -> None:
+        """New bytes were written to [start, end): no earlier punch may ever reach them.
+
+        An earlier seal's punch can only run once that seal is durable, but the bytes
+        written since belong to a later state: punching them before *that* is durable
+        would lose them (e.g. fsynced, then sealed again, then killed before the commit).
+        """
+        kept = []
+        for commit, a, b in self._deferred[ino]:
+            if b < 0 or b <= start or a >= end:
+                kept.append((commit, a, b))
+                continue
+            if a < start:
+                kept.append((commit, a, start))
+            if b > end:
+                kept.append((commit, end, b))
+        self._deferred[ino] = kept
 
     def release_durable(self, durable_commits: int) -> None:
         """Carry out deferred punches and removals whose commit is durable (trio thread).
 
-        Bytes staged again since (written after the seal or truncate) are kept, and an inode
-        being sealed right now is left for a later call.
+        Bytes staged again since are kept, adjacent ranges are punched as one (so blocks
+        straddling two sealed chunks go too), and an inode being sealed right now is left
+        for a later call.
         """
-        keep = []
-        if any(item[0] < durable_commits for item in self._deferred):
+        ready_inos = [
+            ino
+            for ino, items in self._deferred.items()
+            if ino not in self.touched and any(c < durable_commits for c, _, _ in items)
+        ]
+        if ready_inos:
             crash_point("punch-before")
-        for item in self._deferred:
-            commit, ino, start, end = item
-            if commit >= durable_commits or ino in self.touched:
-                keep.append(item)
-            elif end < 0:
+        for ino in ready_inos:
+            items = self._deferred.pop(ino)
+            ready = [(a, b) for c, a, b in items if c < durable_commits]
+            later = [(c, a, b) for c, a, b in items if c >= durable_commits]
+            if any(b < 0 for _, b in ready):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path(ino))
-            else:
-                self._punch_unstaged(ino, start, end)
-        self._deferred = keep
+                    os.unlink(self.path_str(ino))
+                continue
+            if later:
+                self._deferred[ino] = later
+            self._punch_unstaged(ino, RangeSet(ready))
 
-    def _punch_unstaged(self, ino: int, start: int, end: int) -> None:
-        todo = RangeSet([(start, end)])
-        for a, b in self.ranges.get(ino, RangeSet()).intersect(start, end):
-            todo.remove(a, b)
+    def _punch_unstaged(self, ino: int, todo: RangeSet) -> None:
+        for a, b in todo.as_list():
+            for x, y in self.ranges.get(ino, RangeSet()).intersect(a, b):
+                todo.remove(x, y)
         fd = self._fds.get(ino)
         own = fd is None
         try:
             if own:
-                fd = os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(self.path_str(ino), os.O_RDWR | os.O_CLOEXEC)
             assert fd is not None
             size = os.fstat(fd).st_size
             for a, b in todo.as_list():
@@ -219,13 +252,24 @@ class Staging:
             raise OSError(errno.ENOSPC, "staging limit reached")
         if self.reserve_bytes <= 0:
             return
-        st = os.statvfs(self.root)
-        if st.f_bavail * st.f_frsize - size < self.reserve_bytes:
+        if self._free_space() - size < self.reserve_bytes:
             raise OSError(errno.ENOSPC, "staging reserve reached")
+        self._free_cache = (self._free_cache[0], self._free_cache[1] - size)
+
+    def _free_space(self) -> int:
+        """Free bytes on the data directory's disk: statvfs at most every 0.1 s, and the
+        bytes written since subtracted, so that a burst of writes cannot overshoot."""
+        when, free = self._free_cache
+        now = time.monotonic()
+        if now - when > 0.1:
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            self._free_cache = (now, free)
+        return free
 
     def remove(self, ino: int, commit: int) -> None:
         """Drop an inode's staged bytes; the file goes once the deletion is durable."""
-        self._deferred.append((commit, ino, 0, -1))
+        self._deferred.setdefault(ino, []).append((commit, 0, -1))
         self.ranges.pop(ino, None)
         self.dirty_since.pop(ino, None)
         touched = self.touched.get(ino)

@@ -23,6 +23,7 @@ DB_ORPHANS = b"orphans"  # ino(8) -> b"" : nlink 0 but still open when last comm
 DB_EXTENTS = b"extents"  # ino(8) + file offset(8) -> chunk id(32) + offset in chunk(4) + length(4)
 DB_CHUNKS = b"chunks"  # chunk id(32) -> chunk record (records.ChunkRecord)
 DB_SEGMENTS = b"segments"  # segment id(8) -> segment record (records.SegmentRecord)
+DB_FREES = b"frees"  # segment id(8) + offset(8) -> length(">q"; -1: the whole segment)
 
 ALL_DBS = (
     DB_META,
@@ -36,6 +37,7 @@ ALL_DBS = (
     DB_EXTENTS,
     DB_CHUNKS,
     DB_SEGMENTS,
+    DB_FREES,
 )
 
 # Keys of DB_META.

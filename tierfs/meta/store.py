@@ -65,6 +65,7 @@ class MetaStore:
         self.extents = env.open_db(schema.DB_EXTENTS, create=False)
         self.chunks = env.open_db(schema.DB_CHUNKS, create=False)
         self.segments = env.open_db(schema.DB_SEGMENTS, create=False)
+        self.frees = env.open_db(schema.DB_FREES, create=False)
         self._group: Any = None
         self.pending_ops = 0
         self.commits = 0
@@ -174,6 +175,17 @@ class MetaStore:
             child.abort()
             raise
         child.commit()
+        self.pending_ops += 1
+
+    @contextlib.contextmanager
+    def single_put(self) -> Iterator[Any]:
+        """An operation that only reads and then puts one record: no child transaction.
+
+        A child transaction costs an allocation of LMDB's page lists; an operation whose
+        only change is its last put cannot leave a partial change behind, so it may write
+        to the group transaction directly.
+        """
+        yield self.tx
         self.pending_ops += 1
 
     @contextlib.contextmanager

@@ -119,6 +119,16 @@ class HotStore:
             return
         punch_hole(fd, offset, length)
 
+    def give_back(self, seg: int, offset: int, length: int) -> None:
+        """Free one dead frame, or (length -1) a whole empty segment; failures are logged."""
+        try:
+            if length < 0:
+                self.delete(seg)
+            else:
+                self.punch(seg, offset, length)
+        except OSError as exc:
+            log.warning("segment %d: could not free %d bytes: %s", seg, length, exc)
+
     def delete(self, seg: int) -> None:
         self._forget_fd(seg)
         with contextlib.suppress(FileNotFoundError):
