@@ -256,3 +256,21 @@ def test_dedup_within_a_file(fs: Mount) -> None:
     total = stored(fs)
     assert total < 4 * MiB, f"8 repeats of a 2 MiB block stored {total} bytes"
     assert (fs.mnt / "repeats").read_bytes() == block * 8
+
+
+def test_rewrite_after_truncate_uses_a_new_staging_generation(fs: Mount) -> None:
+    first = random_bytes(3 * MiB, seed=1)
+    (fs.mnt / "f").write_bytes(first)
+    run_cli("status", fs.mnt)
+    second = random_bytes(MiB, seed=2)
+    with open(fs.mnt / "f", "r+b") as f:
+        f.truncate(512 * 1024)
+        f.seek(0)
+        f.write(second)
+    assert (fs.mnt / "f").read_bytes() == second
+    fs.remount()
+    assert (fs.mnt / "f").read_bytes() == second
+    fs.umount()
+    names = sorted(p.name for p in (fs.data / "staging").rglob("*") if p.is_file())
+    assert len(names) == 1 and names[0].endswith(".1"), names
+    assert run_cli("fsck", fs.data).returncode == 0

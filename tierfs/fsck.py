@@ -18,7 +18,7 @@ from typing import Any
 from tierfs.fs.staging import Staging
 from tierfs.fsck_data import DataChecker
 from tierfs.meta import schema
-from tierfs.meta.records import Inode, decode_dirent
+from tierfs.meta.records import Inode, decode_dirent, decode_staged
 from tierfs.meta.store import MetaStore
 
 
@@ -218,12 +218,20 @@ class Checker:
                 self.result.add(f"symlink {ino} has no target")
 
     def _check_staging_files(self) -> None:
-        for ino, path in self.staging.all_files():
-            if not self.known(ino) and self._fix(
-                f"staging file {path.name} has no owning inode", "staging file removed"
-            ):
+        for ino, generation, path in self.staging.all_files():
+            if not self.known(ino):
+                problem = f"staging file {path.name} has no owning inode"
+            elif generation != self._staged_generation(ino):
+                problem = f"staging file {path.name} is of a stale generation"
+            else:
+                continue
+            if self._fix(problem, "staging file removed"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    def _staged_generation(self, ino: int) -> int:
+        raw = self.tx.get(schema.ino_key(ino), db=self.store.staging)
+        return decode_staged(bytes(raw))[0] if raw else 0
 
 
 def check(store: MetaStore, staging: Staging, repair: bool) -> FsckResult:

@@ -71,6 +71,7 @@ class Piece:
 class Job:
     ino: int
     fixed: bool
+    generation: int
     ranges: list[tuple[int, int, bool]]  # (start, end, ends the staged range)
     pieces: list[Piece] = field(default_factory=list)
 
@@ -227,7 +228,9 @@ class Sealer:
                 picked.append((start, start + take, start + take == end))
                 budget -= take
             if picked:
-                jobs.append(Job(ino, bool(inode.flags & FLAG_FIXED_CHUNKING), picked))
+                fixed = bool(inode.flags & FLAG_FIXED_CHUNKING)
+                generation = self.staging.generation.get(ino, 0)
+                jobs.append(Job(ino, fixed, generation, picked))
                 self.staging.touched[ino] = RangeSet()
         return jobs
 
@@ -235,7 +238,8 @@ class Sealer:
         """Worker thread: read staged bytes, cut, and name the chunks."""
         for job in jobs:
             try:
-                fd = os.open(self.staging.path(job.ino), os.O_RDONLY | os.O_CLOEXEC)
+                path = self.staging.path_str(job.ino, job.generation)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:

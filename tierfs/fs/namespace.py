@@ -29,9 +29,9 @@ from tierfs.meta.records import (
     FLAG_FIXED_CHUNKING,
     Inode,
     decode_dirent,
-    decode_ranges,
+    decode_staged,
     encode_dirent,
-    encode_ranges,
+    encode_staged,
 )
 from tierfs.meta.store import MetaStore
 
@@ -100,7 +100,10 @@ class Namespace:
             raw = (tx or self.store.tx).get(schema.ino_key(ino), db=self.store.staging)
             if not raw:
                 return RangeSet()
-            ranges = self.staging.ranges[ino] = RangeSet(decode_ranges(raw))
+            generation, pairs = decode_staged(bytes(raw))
+            ranges = self.staging.ranges[ino] = RangeSet(pairs)
+            if generation:
+                self.staging.generation[ino] = generation
         return ranges
 
     def chunking_flags(self, name: bytes) -> int:
@@ -515,7 +518,7 @@ class Namespace:
 
     def _truncate(self, tx: Any, inode: Inode, size: int, now: int) -> None:
         self.staged_ranges(inode.ino, tx)
-        self.staging.truncate(inode.ino, size, self.store.commits)
+        self.staging.truncate(inode.ino, size, self.store.commits, shrink=size < inode.size)
         if inode.data_bytes:
             inode.data_bytes -= self.extents.clear(tx, inode.ino, size, MAX_OFFSET)
         if size != inode.size:
@@ -632,15 +635,20 @@ class Namespace:
     # -- group commit hook
 
     def persist_staging_ranges(self) -> None:
-        """Write changed staged ranges into the group transaction (called before a commit)."""
+        """Write changed staged ranges into the group transaction (called before a commit).
+
+        A record stays while the staging generation is not 0, even with nothing staged, so
+        that recovery and fsck know which staging file is the current one.
+        """
         changed = self.staging.take_changed()
         if not changed:
             return
         with self.store.op() as tx:
             for ino, ranges in changed.items():
                 key = schema.ino_key(ino)
-                if ranges and self.store.get_inode(ino, tx) is not None:
-                    tx.put(key, encode_ranges(ranges), db=self.store.staging)
+                generation = self.staging.generation.get(ino, 0)
+                if (ranges or generation) and self.store.get_inode(ino, tx) is not None:
+                    tx.put(key, encode_staged(generation, ranges or []), db=self.store.staging)
                 else:
                     tx.delete(key, db=self.store.staging)
 

@@ -9,8 +9,9 @@ repaired before the filesystem serves a request; none of them needs `fsck`:
 * segment bytes past a segment's committed end (an append whose install never committed)
   -> cut; segment files the index does not know -> removed;
 * staging files of inodes the index does not know (created after the last commit) -> removed,
-  bytes written past the committed size -> cut, and bytes outside the staged ranges (sealed,
-  but not yet punched when the daemon died) -> punched;
+  so are files of another generation than the committed one (a shrinking truncate that did
+  not commit, or whose old file was not removed yet), bytes written past the committed size
+  -> cut, and bytes outside the staged ranges (sealed, not yet punched) -> punched;
 * staged ranges beyond the committed file size -> cut at the size.
 
 Always: the staged ranges are loaded so that sealing resumes where it stopped.
@@ -29,7 +30,7 @@ from tierfs.data.chunkstore import ChunkIndex
 from tierfs.fs.namespace import Namespace
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta import schema
-from tierfs.meta.records import SegmentRecord, decode_ranges, encode_ranges
+from tierfs.meta.records import SegmentRecord, decode_staged, encode_staged
 from tierfs.osutil import punch_hole
 from tierfs.tiers.hot import HotStore
 
@@ -137,26 +138,33 @@ def _finish_frees(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> int:
     return len(frees)
 
 
+def _staged(ns: Namespace, ino: int) -> tuple[int, list[tuple[int, int]]]:
+    """(generation, ranges) of an inode's committed staging record; (0, []) without one."""
+    raw = ns.store.tx.get(schema.ino_key(ino), db=ns.store.staging)
+    return decode_staged(bytes(raw)) if raw else (0, [])
+
+
 def _repair_staging_files(ns: Namespace) -> int:
-    """Remove staging files nobody owns; in owned ones keep only the staged bytes."""
+    """Remove staging files nobody owns (or of another generation than the committed one);
+    in the others keep only the staged bytes."""
     stray = 0
-    for ino, path in list(ns.staging.all_files()):
+    for ino, generation, path in list(ns.staging.all_files()):
         inode = ns.store.get_inode(ino) if ino >= 0 else None
+        recorded, ranges = _staged(ns, ino) if inode is not None else (0, [])
         with contextlib.suppress(FileNotFoundError):
-            if inode is None:
+            if inode is None or generation != recorded:
                 os.unlink(path)
                 stray += 1
                 continue
             if path.stat().st_size > inode.size:
                 os.truncate(path, inode.size)
-            _punch_unstaged(ns, ino, path, inode.size)
+            _punch_unstaged(path, inode.size, ranges)
     return stray
 
 
-def _punch_unstaged(ns: Namespace, ino: int, path: os.PathLike[str], size: int) -> None:
-    raw = ns.store.tx.get(schema.ino_key(ino), db=ns.store.staging)
+def _punch_unstaged(path: os.PathLike[str], size: int, ranges: list[tuple[int, int]]) -> None:
     todo = RangeSet([(0, size)])
-    for a, b in decode_ranges(bytes(raw)) if raw else []:
+    for a, b in ranges:
         todo.remove(a, b)
     if not todo:
         return
@@ -175,7 +183,8 @@ def _trim_ranges(ns: Namespace) -> int:
         entries = [(schema.key_ino(k), bytes(v)) for k, v in cur]
     for ino, raw in entries:
         inode = store.get_inode(ino)
-        ranges = RangeSet(decode_ranges(raw))
+        generation, pairs = decode_staged(raw)
+        ranges = RangeSet(pairs)
         if inode is None:
             with store.op() as tx:
                 tx.delete(schema.ino_key(ino), db=store.staging)
@@ -185,7 +194,8 @@ def _trim_ranges(ns: Namespace) -> int:
         ranges.truncate(inode.size)
         if ranges.as_list() != before:
             with store.op() as tx:
-                tx.put(schema.ino_key(ino), encode_ranges(ranges.as_list()), db=store.staging)
+                record = encode_staged(generation, ranges.as_list())
+                tx.put(schema.ino_key(ino), record, db=store.staging)
             trimmed += 1
     return trimmed
 
@@ -197,7 +207,10 @@ def _load_staged_ranges(ns: Namespace) -> None:
     with store.tx.cursor(db=store.staging) as cur:
         for key, value in cur:
             ino = schema.key_ino(bytes(key))
-            ranges = RangeSet(decode_ranges(bytes(value)))
+            generation, pairs = decode_staged(bytes(value))
+            if generation:
+                ns.staging.generation[ino] = generation
+            ranges = RangeSet(pairs)
             if ranges:
                 ns.staging.ranges[ino] = ranges
                 ns.staging.dirty_since[ino] = now

@@ -45,13 +45,16 @@ class Staging:
         self.dirty_since: dict[int, float] = {}
         self.touched: dict[int, RangeSet] = {}
         self._deferred: dict[int, list[tuple[int, int, int]]] = {}
+        self.generation: dict[int, int] = {}
 
-    def path(self, ino: int) -> Path:
-        return Path(self.path_str(ino))
+    def path(self, ino: int, generation: int | None = None) -> Path:
+        return Path(self.path_str(ino, generation))
 
-    def path_str(self, ino: int) -> str:
-        """The staging file's path as a string (hot path: no pathlib objects)."""
-        return f"{self._root_str}/{ino & 0xFF:02x}/{ino:016x}"
+    def path_str(self, ino: int, generation: int | None = None) -> str:
+        """The staging file of an inode's current (or given) generation, as a string."""
+        gen = self.generation.get(ino, 0) if generation is None else generation
+        name = f"{ino:016x}" if gen == 0 else f"{ino:016x}.{gen}"
+        return f"{self._root_str}/{ino & 0xFF:02x}/{name}"
 
     # -- fd management
 
@@ -124,13 +127,19 @@ class Staging:
         except FileNotFoundError:
             return b""
 
-    def truncate(self, ino: int, size: int, commit: int) -> None:
+    def truncate(self, ino: int, size: int, commit: int, shrink: bool) -> None:
         """The file is cut at `size`: its staged bytes beyond are forgotten.
 
-        The staging file itself is only punched once the commit that records the new size
-        is durable: a crash before that brings the old size back, with its bytes.
+        A crash before the commit that records the new size brings the old size back, so
+        the old bytes must still be there, untouched by anything written after the cut. A
+        shrinking cut therefore moves the file to a new staging generation (copying the
+        staged bytes below `size`, none for the usual O_TRUNC); the old generation's file
+        is removed once the cut is durable. A growing cut only frees blocks later.
         """
-        self.defer_punch(commit, ino, size, 1 << 62)
+        if shrink and self._exists(ino):
+            self._new_generation(ino, size, commit)
+        else:
+            self.defer_punch(commit, ino, size, 1 << 62)
         ranges = self.ranges.setdefault(ino, RangeSet())
         ranges.truncate(size)
         if not ranges:
@@ -164,6 +173,36 @@ class Staging:
         self.changed.add(ino)
         if not ranges:
             self.dirty_since.pop(ino, None)
+
+    def _exists(self, ino: int) -> bool:
+        return ino in self._fds or os.path.exists(self.path_str(ino))
+
+    def _new_generation(self, ino: int, keep_below: int, commit: int) -> None:
+        old_gen = self.generation.get(ino, 0)
+        new_gen = old_gen + 1
+        old_fd = self._fds.get(ino)
+        src = old_fd if old_fd is not None else os.open(self.path_str(ino), os.O_RDONLY)
+        new_path = self.path_str(ino, new_gen)
+        dst = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for a, b in self.ranges.get(ino, RangeSet()).intersect(0, keep_below):
+                _copy_range(src, dst, a, b - a)
+        except BaseException:
+            os.close(dst)
+            raise
+        finally:
+            if old_fd is None:
+                os.close(src)
+        if old_fd is not None:
+            os.close(old_fd)
+            self._fds[ino] = dst
+        else:
+            os.close(dst)
+        self.generation[ino] = new_gen
+        self._deferred[ino] = [item for item in self._deferred.get(ino, []) if item[2] < 0] + [
+            (commit, old_gen, _REMOVE_GENERATION)
+        ]
+        self.unsynced_dirs.add(self.root / f"{ino & 0xFF:02x}")
 
     def defer_punch(self, commit: int, ino: int, start: int, end: int) -> None:
         """Free [start, end) of the staging file once commit `commit` is durable."""
@@ -205,13 +244,18 @@ class Staging:
             items = self._deferred.pop(ino)
             ready = [(a, b) for c, a, b in items if c < durable_commits]
             later = [(c, a, b) for c, a, b in items if c >= durable_commits]
-            if any(b < 0 for _, b in ready):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path_str(ino))
-                continue
             if later:
                 self._deferred[ino] = later
-            self._punch_unstaged(ino, RangeSet(ready))
+            for gen, b in ready:
+                if b == _REMOVE_GENERATION:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path_str(ino, gen))
+            if any(b == _REMOVE_FILE for _, b in ready):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path_str(ino))
+                self.generation.pop(ino, None)
+                continue
+            self._punch_unstaged(ino, RangeSet([(a, b) for a, b in ready if b >= 0]))
 
     def _punch_unstaged(self, ino: int, todo: RangeSet) -> None:
         for a, b in todo.as_list():
@@ -269,7 +313,7 @@ class Staging:
 
     def remove(self, ino: int, commit: int) -> None:
         """Drop an inode's staged bytes; the file goes once the deletion is durable."""
-        self._deferred.setdefault(ino, []).append((commit, 0, -1))
+        self._deferred.setdefault(ino, []).append((commit, 0, _REMOVE_FILE))
         self.ranges.pop(ino, None)
         self.dirty_since.pop(ino, None)
         touched = self.touched.get(ino)
@@ -319,24 +363,39 @@ class Staging:
         self.changed.clear()
         return out
 
-    def all_files(self) -> Iterator[tuple[int, Path]]:
-        """(inode, path) of every staging file on disk."""
+    def all_files(self) -> Iterator[tuple[int, int, Path]]:
+        """(inode, generation, path) of every staging file on disk (inode -1: not ours)."""
         if not self.root.exists():
             return
         for bucket in sorted(self.root.iterdir()):
             if not bucket.is_dir():
                 continue
             for f in bucket.iterdir():
+                ino_text, _, gen_text = f.name.partition(".")
                 try:
-                    yield int(f.name, 16), f
+                    yield int(ino_text, 16), int(gen_text or "0"), f
                 except ValueError:
-                    yield -1, f
+                    yield -1, 0, f
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         self._users.clear()
+
+
+_REMOVE_FILE = -1
+_REMOVE_GENERATION = -2
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy [offset, offset+length) between files at the same offset (in the kernel)."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        if n == 0:
+            break
+        done += n
 
 
 class SyncWork:

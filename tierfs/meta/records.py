@@ -12,6 +12,7 @@ INODE_RECORD_VERSION = 1
 _INODE = struct.Struct(">BIIIIQqqqQQIQ")
 _DIRENT = struct.Struct(">QQ")
 _RANGE = struct.Struct(">QQ")
+_GEN = struct.Struct(">I")
 RANGES_VERSION = 1
 
 
@@ -86,18 +87,23 @@ def decode_dirent(data: bytes) -> tuple[int, int]:
     return int(child), int(cookie)
 
 
-def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
-    """[(start, end), ...] half-open byte ranges -> version byte + pairs."""
-    return bytes([RANGES_VERSION]) + b"".join(_RANGE.pack(a, b) for a, b in ranges)
+def encode_staged(generation: int, ranges: list[tuple[int, int]]) -> bytes:
+    """The staging record: version byte, staging-file generation (u32), (start, end) pairs."""
+    pairs = b"".join(_RANGE.pack(a, b) for a, b in ranges)
+    return bytes([RANGES_VERSION]) + _GEN.pack(generation) + pairs
+
+
+def decode_staged(data: bytes) -> tuple[int, list[tuple[int, int]]]:
+    if not data or data[0] != RANGES_VERSION:
+        raise TierfsError("staging range record has an unknown version", ExitCode.VERSION)
+    (generation,) = _GEN.unpack_from(data, 1)
+    count = (len(data) - 5) // 16
+    pairs = [_RANGE.unpack_from(data, 5 + i * 16) for i in range(count)]
+    return int(generation), [(int(a), int(b)) for a, b in pairs]
 
 
 def decode_ranges(data: bytes) -> list[tuple[int, int]]:
-    if not data or data[0] != RANGES_VERSION:
-        raise TierfsError("staging range record has an unknown version", ExitCode.VERSION)
-    return [
-        (int(a), int(b))
-        for a, b in (_RANGE.unpack_from(data, 1 + i * 16) for i in range((len(data) - 1) // 16))
-    ]
+    return decode_staged(data)[1]
 
 
 FLAG_FIXED_CHUNKING = 1
