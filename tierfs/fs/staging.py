@@ -58,14 +58,9 @@ class Staging:
 
     # -- fd management
 
-    def acquire(self, ino: int) -> int:
-        """An fd for the inode's staging file, shared by every open handle of the inode."""
-        fd = self._fds.get(ino)
-        if fd is None:
-            fd = self._open(ino)
-            self._fds[ino] = fd
+    def acquire(self, ino: int) -> None:
+        """An open handle uses the inode's staging file (opened at its first write)."""
         self._users[ino] = self._users.get(ino, 0) + 1
-        return fd
 
     def release(self, ino: int) -> None:
         users = self._users[ino] - 1
@@ -73,7 +68,20 @@ class Staging:
             self._users[ino] = users
             return
         del self._users[ino]
-        os.close(self._fds.pop(ino))
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _write_fd(self, ino: int) -> int:
+        """The shared fd of an open inode's staging file, created on first use.
+
+        Opening lazily means a file that is only read (or never written) costs no staging
+        file at all.
+        """
+        fd = self._fds.get(ino)
+        if fd is None:
+            fd = self._fds[ino] = self._open(ino)
+        return fd
 
     def _open(self, ino: int) -> int:
         """Open (creating if needed) the staging file: one syscall in the common case.
@@ -97,7 +105,7 @@ class Staging:
     # -- data
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
-        fd = self._fds[ino]
+        fd = self._write_fd(ino)
         self._check_space(len(data))
         written = os.pwrite(fd, data, offset)
         self._mark(ino, offset, offset + written)
@@ -106,7 +114,7 @@ class Staging:
 
     def write_unmarked(self, ino: int, offset: int, data: bytes) -> None:
         """Write bytes that are not staged yet (compaction marks them once durable)."""
-        fd = self._fds[ino]
+        fd = self._write_fd(ino)
         self._check_space(len(data))
         view = memoryview(data)
         pos = 0
