@@ -320,6 +320,9 @@ def _final_commit(daemon: Daemon) -> None:
     store.durable_commits = store.commits
     daemon.ns.staging.release_durable(store.durable_commits)
     daemon.sealer.free_durable_now()
+    # The removals just made must be durable before the index says "clean": a clean index
+    # skips the scan for stray staging files at the next mount.
+    daemon.ns.staging.take_sync_work().run()
     mark_clean(daemon.ns)
     store.commit()
 

@@ -254,13 +254,16 @@ class Staging:
             later = [(c, a, b) for c, a, b in items if c >= durable_commits]
             if later:
                 self._deferred[ino] = later
+            bucket = self.root / f"{ino & 0xFF:02x}"
             for gen, b in ready:
                 if b == _REMOVE_GENERATION:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.path_str(ino, gen))
+                    self.unsynced_dirs.add(bucket)
             if any(b == _REMOVE_FILE for _, b in ready):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path_str(ino))
+                self.unsynced_dirs.add(bucket)
                 self.generation.pop(ino, None)
                 continue
             self._punch_unstaged(ino, RangeSet([(a, b) for a, b in ready if b >= 0]))
