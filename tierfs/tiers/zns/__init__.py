@@ -1,0 +1,1 @@
+"""The cold tier on zoned storage: the zone device model and its backends."""
