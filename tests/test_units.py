@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tierfs import config
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.ranges import RangeSet
-from tierfs.meta.records import Inode, decode_ranges, encode_ranges
+from tierfs.meta.records import Inode, decode_staged, encode_staged
 
 ops = st.lists(
     st.one_of(
@@ -38,7 +38,7 @@ def test_rangeset_matches_a_set_of_offsets(operations: list[tuple[str, int, int]
     pairs = ranges.as_list()
     assert all(s < e for s, e in pairs)
     assert all(pairs[i][1] < pairs[i + 1][0] for i in range(len(pairs) - 1)), "not merged"
-    assert decode_ranges(encode_ranges(pairs)) == pairs
+    assert decode_staged(encode_staged(7, pairs)) == (7, pairs)
     assert ranges.total() == len(model)
 
 
