@@ -167,6 +167,7 @@ def _toml(value: object) -> str:
 
 AGGRESSIVE_SEAL = {
     "seal__quiet_period": 0.0,
+    "seal__idle_delay": 0.0,
     "seal__max_dirty_age": 0.2,
     "seal__batch_mb": 8,
 }
