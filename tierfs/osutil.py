@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -12,6 +14,15 @@ BLOCK = 4096
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def bucketed_files(root: Path) -> Iterator[Path]:
+    """Every file in the one-level bucket directories under `root` (staging, hot)."""
+    if not root.exists():
+        return
+    for bucket in sorted(root.iterdir()):
+        if bucket.is_dir():
+            yield from bucket.iterdir()
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tierfs.crashpoints import crash_point
 from tierfs.fs.ranges import RangeSet
-from tierfs.osutil import punch_hole
+from tierfs.osutil import bucketed_files, punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -376,17 +376,12 @@ class Staging:
 
     def all_files(self) -> Iterator[tuple[int, int, Path]]:
         """(inode, generation, path) of every staging file on disk (inode -1: not ours)."""
-        if not self.root.exists():
-            return
-        for bucket in sorted(self.root.iterdir()):
-            if not bucket.is_dir():
-                continue
-            for f in bucket.iterdir():
-                ino_text, _, gen_text = f.name.partition(".")
-                try:
-                    yield int(ino_text, 16), int(gen_text or "0"), f
-                except ValueError:
-                    yield -1, 0, f
+        for f in bucketed_files(self.root):
+            ino_text, _, gen_text = f.name.partition(".")
+            try:
+                yield int(ino_text, 16), int(gen_text or "0"), f
+            except ValueError:
+                yield -1, 0, f
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from tierfs.osutil import punch_hole
+from tierfs.osutil import bucketed_files, punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +147,12 @@ class HotStore:
         return True
 
     def all_segments(self) -> Iterator[tuple[int, Path]]:
-        if not self.root.exists():
-            return
-        for bucket in sorted(self.root.iterdir()):
-            if not bucket.is_dir():
-                continue
-            for f in bucket.iterdir():
-                try:
-                    yield int(f.stem, 16), f
-                except ValueError:
-                    yield -1, f
+        """(segment id, path) of every segment file (id -1: a file that is not ours)."""
+        for f in bucketed_files(self.root):
+            try:
+                yield int(f.stem, 16), f
+            except ValueError:
+                yield -1, f
 
     def allocated_bytes(self) -> int:
         total = 0
