@@ -314,7 +314,10 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
 def _final_commit(daemon: Daemon) -> None:
     """Everything durable, deferred frees done, and the index marked cleanly unmounted."""
     store = daemon.store
-    daemon.ns.staging.take_sync_work().run()
+    try:
+        daemon.ns.staging.take_sync_work().run()
+    except OSError as exc:
+        log.error("could not flush staging files at unmount (the index still commits): %s", exc)
     daemon.durability.commit()
     store.sync_meta()
     store.durable_commits = store.commits

@@ -146,8 +146,9 @@ class Namespace:
             return
         self.lookups.pop(ino, None)
         if ino not in self.opens:
-            if ino not in self.staging.changed:
-                self.staging.ranges.pop(ino, None)
+            ranges = self.staging.ranges.get(ino)
+            if ranges is not None and not ranges and ino not in self.staging.changed:
+                del self.staging.ranges[ino]
             self._delete_if_unused(ino)
 
     # -- creating entries
@@ -467,8 +468,16 @@ class Namespace:
         if inode is None or inode.nlink > 0:
             return
         with self.store.op() as tx:
+            generation = self.staging_generation(ino, tx)
             self.delete_inode(tx, ino)
-        self.staging.remove(ino, self.store.commits)
+        self.staging.remove(ino, self.store.commits, generation)
+
+    def staging_generation(self, ino: int, tx: Any = None) -> int:
+        """The inode's current staging generation (from memory, else from its record)."""
+        if ino in self.staging.generation:
+            return self.staging.generation[ino]
+        raw = (tx or self.store.tx).get(schema.ino_key(ino), db=self.store.staging)
+        return decode_staged(bytes(raw))[0] if raw else 0
 
     def delete_inode(self, tx: Any, ino: int) -> None:
         """Remove every record of an inode (its staging file is removed by the caller)."""

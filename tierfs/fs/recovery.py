@@ -102,8 +102,9 @@ def _remove_orphans(ns: Namespace) -> int:
         orphans = [schema.key_ino(k) for k in cur.iternext(keys=True, values=False)]
     for ino in orphans:
         with store.op() as tx:
+            generation = ns.staging_generation(ino, tx)
             ns.delete_inode(tx, ino)
-        ns.staging.remove(ino, -1)
+        ns.staging.remove(ino, -1, generation)
     ns.staging.take_changed()
     return len(orphans)
 

@@ -193,8 +193,14 @@ class Staging:
         new_path = self.path_str(ino, new_gen)
         dst = os.open(new_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            copied = 0
             for a, b in self.ranges.get(ino, RangeSet()).intersect(0, keep_below):
                 _copy_range(src, dst, a, b - a)
+                copied += b - a
+            if copied:
+                # The old file goes once the cut is durable; the copy must be by then.
+                os.fsync(dst)
+                self._fsync_dir(self.root / f"{ino & 0xFF:02x}")
         except BaseException:
             os.close(dst)
             raise
@@ -256,17 +262,32 @@ class Staging:
                 self._deferred[ino] = later
             bucket = self.root / f"{ino & 0xFF:02x}"
             for gen, b in ready:
-                if b == _REMOVE_GENERATION:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path_str(ino, gen))
+                if b == _REMOVE_GENERATION and self._unlink(self.path_str(ino, gen)):
                     self.unsynced_dirs.add(bucket)
-            if any(b == _REMOVE_FILE for _, b in ready):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path_str(ino))
-                self.unsynced_dirs.add(bucket)
+            removals = [gen for gen, b in ready if b == _REMOVE_FILE]
+            if removals:
+                if self._unlink(self.path_str(ino, removals[0])):
+                    self.unsynced_dirs.add(bucket)
                 self.generation.pop(ino, None)
                 continue
             self._punch_unstaged(ino, RangeSet([(a, b) for a, b in ready if b >= 0]))
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _unlink(path: str) -> bool:
+        """Remove a staging file; False if there was none (it is opened lazily)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def _punch_unstaged(self, ino: int, todo: RangeSet) -> None:
         for a, b in todo.as_list():
@@ -322,9 +343,10 @@ class Staging:
             self._free_cache = (now, free)
         return free
 
-    def remove(self, ino: int, commit: int) -> None:
-        """Drop an inode's staged bytes; the file goes once the deletion is durable."""
-        self._deferred.setdefault(ino, []).append((commit, 0, _REMOVE_FILE))
+    def remove(self, ino: int, commit: int, generation: int) -> None:
+        """Drop an inode's staged bytes; its file (of `generation`) goes once the deletion
+        is durable."""
+        self._deferred.setdefault(ino, []).append((commit, generation, _REMOVE_FILE))
         self.ranges.pop(ino, None)
         self.dirty_since.pop(ino, None)
         touched = self.touched.get(ino)
@@ -419,7 +441,10 @@ class SyncWork:
             for fd in self.fds:
                 os.close(fd)
         for d in self.dirs:
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(dfd)
             finally:

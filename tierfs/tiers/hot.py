@@ -37,6 +37,7 @@ class HotStore:
         self.segment_bytes = segment_bytes
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._fd_lock = threading.Lock()
+        self._busy: dict[int, int] = {}
         self.active: int | None = None
         self.tail = 0
 
@@ -45,29 +46,41 @@ class HotStore:
 
     # -- file handles (shared by worker threads)
 
-    def _fd(self, seg: int, create: bool = False) -> int:
+    @contextlib.contextmanager
+    def _using(self, seg: int, create: bool = False) -> Iterator[int]:
+        """A cached fd of a segment, kept open while in use.
+
+        The cache holds at most MAX_OPEN_SEGMENTS fds; an fd is only ever closed when no
+        thread is using it, so that its number cannot be reused under a pread or a punch.
+        """
         with self._fd_lock:
             fd = self._fds.get(seg)
-            if fd is not None:
-                self._fds.move_to_end(seg)
-                return fd
-            path = self.path(seg)
-            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, 0o600)
-            self._fds[seg] = fd
-            while len(self._fds) > MAX_OPEN_SEGMENTS:
-                old_seg, old_fd = self._fds.popitem(last=False)
-                if old_seg == self.active:
-                    self._fds[old_seg] = old_fd
-                    continue
-                os.close(old_fd)
-            return fd
+            if fd is None:
+                path = self.path(seg)
+                flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                if create:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                fd = self._fds[seg] = os.open(path, flags, 0o600)
+            self._fds.move_to_end(seg)
+            self._busy[seg] = self._busy.get(seg, 0) + 1
+        try:
+            yield fd
+        finally:
+            with self._fd_lock:
+                self._busy[seg] -= 1
+                if not self._busy[seg]:
+                    del self._busy[seg]
+                self._evict()
+
+    def _evict(self) -> None:
+        """Close the least recently used idle fds beyond the cap (lock held)."""
+        idle = [s for s in self._fds if s not in self._busy and s != self.active]
+        for seg in idle[: max(0, len(self._fds) - MAX_OPEN_SEGMENTS)]:
+            os.close(self._fds.pop(seg))
 
     def _forget_fd(self, seg: int) -> None:
         with self._fd_lock:
-            fd = self._fds.pop(seg, None)
+            fd = self._fds.pop(seg, None) if seg not in self._busy else None
         if fd is not None:
             os.close(fd)
 
@@ -88,13 +101,13 @@ class HotStore:
 
     def append(self, seg: int, offset: int, frames: list[bytes]) -> None:
         """Write `frames` back to back at `offset` of segment `seg`, and fdatasync it."""
-        fd = self._fd(seg, create=True)
         data = b"".join(frames)
         view = memoryview(data)
         pos = 0
-        while pos < len(data):
-            pos += os.pwrite(fd, view[pos:], offset + pos)
-        os.fdatasync(fd)
+        with self._using(seg, create=True) as fd:
+            while pos < len(data):
+                pos += os.pwrite(fd, view[pos:], offset + pos)
+            os.fdatasync(fd)
 
     def sync_new_segment_dirs(self, seg: int) -> None:
         """fsync the directories that name a new segment, so the file survives power loss."""
@@ -109,15 +122,16 @@ class HotStore:
 
     def read(self, seg: int, offset: int, length: int) -> bytes:
         """The bytes of one frame (worker thread)."""
-        return os.pread(self._fd(seg), length, offset)
+        with self._using(seg) as fd:
+            return os.pread(fd, length, offset)
 
     def punch(self, seg: int, offset: int, length: int) -> None:
         """Give back the whole blocks of a dead frame (worker thread)."""
         try:
-            fd = self._fd(seg)
+            with self._using(seg) as fd:
+                punch_hole(fd, offset, length)
         except FileNotFoundError:
             return
-        punch_hole(fd, offset, length)
 
     def give_back(self, seg: int, offset: int, length: int) -> None:
         """Free one dead frame, or (length -1) a whole empty segment; failures are logged."""
