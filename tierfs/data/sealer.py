@@ -144,6 +144,8 @@ class Sealer:
         now = time.monotonic()
         p = self.policy
         idle = self.activity.idle_for() >= p.idle_delay
+        if not idle and not self._pressure():
+            return self._aged(now)
         out = []
         for ino, since in self.staging.dirty_since.items():
             if now - since >= p.max_dirty_age:
@@ -159,6 +161,19 @@ class Sealer:
         ):
             out = [(since, ino) for ino, since in self.staging.dirty_since.items()]
         return [ino for _, ino in sorted(out)]
+
+    def _aged(self, now: float) -> list[int]:
+        """Inodes dirty for max_dirty_age. dirty_since is filled in time order (an entry is
+        added when an inode first becomes dirty), so the scan stops at the first young one."""
+        out = []
+        for ino, since in self.staging.dirty_since.items():
+            if now - since < self.policy.max_dirty_age:
+                break
+            out.append(ino)
+        return out
+
+    def _pressure(self) -> bool:
+        return self.staging.recent_total() > self.policy.staging_high_bytes
 
     async def flush(self) -> None:
         """Seal every staged byte and make it durable (tierfs flush, snapshots)."""

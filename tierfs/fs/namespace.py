@@ -555,9 +555,7 @@ class Namespace:
 
     def release(self, ino: int) -> None:
         left = self.opens[ino] - 1
-        inode = self.store.get_inode(ino)
-        if inode is not None and inode.is_reg:
-            self.staging.release(ino)
+        self.staging.release(ino)
         if left:
             self.opens[ino] = left
             return
@@ -615,7 +613,6 @@ class Namespace:
             self.store.put_inode(tx, inode)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self.inode(ino)
         value = self.store.tx.get(schema.ino_key(ino) + name, db=self.store.xattrs)
         if value is None:
             raise FsError(errno.ENODATA)

@@ -63,6 +63,9 @@ class Staging:
         self._users[ino] = self._users.get(ino, 0) + 1
 
     def release(self, ino: int) -> None:
+        """An open handle is done with the inode (a no-op for inodes that have no staging)."""
+        if ino not in self._users:
+            return
         users = self._users[ino] - 1
         if users:
             self._users[ino] = users
@@ -311,7 +314,7 @@ class Staging:
             if own and fd is not None:
                 os.close(fd)
 
-    def _recent_total(self) -> int:
+    def recent_total(self) -> int:
         """staged_total(), recomputed at most every 0.1 s: writes check it on every call."""
         when, total = self._total_checked
         now = time.monotonic()
@@ -324,7 +327,7 @@ class Staging:
         return sum(self.ranges[i].total() for i in self.dirty_since if i in self.ranges)
 
     def _check_space(self, size: int) -> None:
-        if self.max_bytes > 0 and self._recent_total() + size > self.max_bytes:
+        if self.max_bytes > 0 and self.recent_total() + size > self.max_bytes:
             raise OSError(errno.ENOSPC, "staging limit reached")
         if self.reserve_bytes <= 0:
             return
