@@ -274,3 +274,27 @@ def test_rewrite_after_truncate_uses_a_new_staging_generation(fs: Mount) -> None
     names = sorted(p.name for p in (fs.data / "staging").rglob("*") if p.is_file())
     assert len(names) == 1 and names[0].endswith(".1"), names
     assert run_cli("fsck", fs.data).returncode == 0
+
+
+def test_rewriting_sealed_bytes_with_the_same_content_loses_nothing(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The rewrite seals into the very chunk its old extents use; the seal round that
+    installs it (with another file's new data) must neither fail nor drop anything."""
+    configure(data_dir, seal__quiet_period=3600.0, seal__max_dirty_age=3600.0)
+    with mounted(tmp_path, data_dir) as fs:
+        b = random_bytes(100_000, seed=5)
+        (fs.mnt / "b").write_bytes(b)
+        flush(fs)
+        a = random_bytes(100_000, seed=6)
+        (fs.mnt / "a").write_bytes(a)
+        with open(fs.mnt / "b", "r+b") as f:
+            f.write(b)
+        doc = flush(fs)
+        assert doc["tiers"]["staging"]["staged_bytes"] == 0
+        assert (fs.mnt / "a").read_bytes() == a
+        assert (fs.mnt / "b").read_bytes() == b
+        fs.remount()
+        assert (fs.mnt / "a").read_bytes() == a
+        fs.umount()
+        assert run_cli("fsck", fs.data).returncode == 0

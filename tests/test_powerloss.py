@@ -35,6 +35,7 @@ from tests.powerloss.rig import (
     Rig,
     crash_at_point,
     power_loss_after_clean_umount,
+    power_loss_after_overwrite_of_sealed_data,
     random_crashes,
 )
 from tierfs.crashpoints import POINTS
@@ -175,6 +176,10 @@ def test_power_loss_at_crash_point(rig: Rig, point: str) -> None:
 
 def test_power_loss_after_clean_umount(rig: Rig) -> None:
     power_loss_after_clean_umount(rig)
+
+
+def test_power_loss_after_overwrite_of_sealed_data(rig: Rig) -> None:
+    power_loss_after_overwrite_of_sealed_data(rig)
 
 
 def test_power_loss_at_random_moments(random_rig: Rig) -> None:

@@ -35,6 +35,7 @@ from .workload import (
 )
 
 MAX_KILL_DELAY = 1.5
+PUNCHED_BELOW = 64 * 1024
 
 # The random runs: a fixed seed (printed in every failure) and the slow loop's length.
 SEED = int(os.environ.get("TIERFS_CRASH_SEED", "20240611"))
@@ -140,6 +141,21 @@ class Rig:
         if self.layer is not None:
             self.layer.restart()
         self.power_cut.clear()
+
+    def wait_until_punched(self, f: FileModel, timeout: float = 10.0) -> None:
+        """Until the daemon has punched the sealed bytes out of the file's staging file (it
+        does so once the seal's commit is durable)."""
+        deadline = time.monotonic() + timeout
+        while self._staged_allocation(f) >= PUNCHED_BELOW:
+            assert time.monotonic() < deadline, f"{f.key}: staging not punched in {timeout:g}s"
+            time.sleep(0.05)
+
+    def _staged_allocation(self, f: FileModel) -> int:
+        return sum(
+            path.stat().st_blocks * 512
+            for ino, _, path in Staging(self.m.data / "staging", 0).all_files()
+            if ino == f.ino
+        )
 
     # -- checking ---------------------------------------------------------------------------
 
@@ -272,6 +288,31 @@ class Killer(threading.Thread):
         self.join()
         if self.error is not None:
             raise AssertionError(f"the kill failed: {self.error!r}") from self.error
+
+
+def power_loss_after_overwrite_of_sealed_data(rig: Rig) -> None:
+    """Sealed, fsynced bytes overwritten in place and not fsynced, then a power cut after a
+    commit that recorded the overwrite's staged range: the file must hold its old bytes or
+    its new ones, never the hole the seal left in its staging file. Needs `POINT_SETTINGS`
+    (no timer commit, no seal of the overwrite before the cut)."""
+    model = Model()
+    client = rig.client(model)
+    f = client.create("sealed")
+    client.write(f, 200 * 1024)
+    client.fsync(f)
+    client.fsync_dir()
+    client.seal_all()
+    rig.wait_until_punched(f)
+    client.rewrite(f, 150 * 1024, 1000)
+    client.fsync(f)  # flushes the staging file: the punched hole is durable now
+    client.rewrite(f, 0, 64 * 1024)
+    other = client.create("other")
+    client.write(other, 10)
+    client.fsync(other)  # commits (and flushes) the group: f's new staged range is durable
+    rig.kill(client)
+    context = "a power cut after an unsynced overwrite of sealed data"
+    observed = rig.remount_and_check(model, context)
+    rig.umount_and_fsck(model, observed, context)
 
 
 def power_loss_after_clean_umount(rig: Rig) -> None:

@@ -325,7 +325,12 @@ class Sealer:
         self.hot.start_segment(seg)
 
     def _install(self, jobs: list[Job], placed: list[Placed]) -> None:
-        """One operation: chunk records, extents, segment end; sealed ranges leave staging."""
+        """One operation: chunk records, extents, segment end; sealed ranges leave staging.
+
+        Staging is told only once the operation has committed into the group: if it fails,
+        it leaves no trace in the index, and the ranges must stay staged.
+        """
+        sealed: list[tuple[int, int, int]] = []
         with self.store.op() as tx:
             for p in placed:
                 record = ChunkRecord(
@@ -338,14 +343,20 @@ class Sealer:
                     seg.end = self.hot.tail
                     self.chunks.put_segment(tx, placed[0].seg, seg)
             for job in jobs:
-                self._install_job(tx, job)
+                sealed += self._install_job(tx, job)
             for p in placed:
                 self.chunks.drop_unused(tx, p.chunk_id)
+        for ino, start, end in sealed:
+            self.staging.unstage(ino, start, end)
+            self.staging.defer_punch(self.store.commits, ino, start, end)
+            self.sealed_bytes += end - start
 
-    def _install_job(self, tx: object, job: Job) -> None:
+    def _install_job(self, tx: object, job: Job) -> list[tuple[int, int, int]]:
+        """Extents for the job's untouched pieces; returns the (ino, start, end) sealed."""
+        sealed: list[tuple[int, int, int]] = []
         inode = self.store.get_inode(job.ino, tx)
         if inode is None:
-            return
+            return sealed
         touched = self.staging.touched.get(job.ino, RangeSet())
         for piece in job.pieces:
             if not piece.chunk_id or self.chunks.get(piece.chunk_id, tx) is None:
@@ -354,16 +365,19 @@ class Sealer:
             for a, b in touched.intersect(piece.file_off, piece.file_off + piece.length):
                 valid.remove(a, b)
             for x, y in valid.as_list():
+                # The bytes may be the very chunk of the extents they replace (rewritten with
+                # the same content): hold a reference, or clearing those drops the chunk.
+                self.chunks.add_ref(tx, piece.chunk_id)
                 removed = self.extents.clear(tx, job.ino, x, y)
                 ext = Extent(x, y - x, piece.chunk_id, x - piece.file_off)
                 self.extents.insert(tx, job.ino, ext)
+                self.chunks.release(tx, piece.chunk_id)
                 inode.data_bytes += (y - x) - removed
-                self.staging.unstage(job.ino, x, y)
-                self.staging.defer_punch(self.store.commits, job.ino, x, y)
-                self.sealed_bytes += y - x
+                sealed.append((job.ino, x, y))
         if sum(b - a for a, b, _ in job.ranges) < inode.size:
             self.partial_inodes.add(job.ino)
         self.store.put_inode(tx, inode)
+        return sealed
 
     # -- giving space back after durable commits
 

@@ -37,7 +37,13 @@ class Durability:
         self.sync_lock = trio.Lock()
 
     def commit(self) -> None:
-        """Fold staged ranges into the group and commit it (trio thread, no await)."""
+        """Fold staged ranges into the group and commit it (trio thread, no await).
+
+        Staged bytes over sealed data are flushed first: data goes down before the metadata
+        that covers it.
+        """
+        for ino in self.ns.shadowing_unsynced():
+            self.ns.staging.take_sync_work(ino).run()
         self.ns.persist_staging_ranges()
         crash_point("commit-before")
         self.store.commit()

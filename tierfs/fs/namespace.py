@@ -640,6 +640,23 @@ class Namespace:
 
     # -- group commit hook
 
+    def shadowing_unsynced(self) -> list[int]:
+        """Inodes about to commit staged ranges over sealed data whose bytes are not flushed.
+
+        A staged range shadows the extents under it. Committed before its bytes are durable,
+        it would shadow durable chunks, after a power loss, with whatever the staging file
+        kept there (usually the hole punched after the seal: zeros).
+        """
+        out = []
+        for ino in self.staging.unsynced_files & self.staging.changed:
+            ranges = self.staging.ranges.get(ino)
+            if ranges and any(
+                next(iter(self.extents.overlapping(ino, a, b)), None) is not None
+                for a, b in ranges.as_list()
+            ):
+                out.append(ino)
+        return out
+
     def persist_staging_ranges(self) -> None:
         """Write changed staged ranges into the group transaction (called before a commit).
 
