@@ -32,7 +32,7 @@ class Chunker:
         self._id_key = domain.id_key
 
     def cut(
-        self, data: bytes | memoryview, fixed: bool = False, base: int = 0
+        self, data: bytes | bytearray | memoryview, fixed: bool = False, base: int = 0
     ) -> Iterator[tuple[int, int]]:
         """(offset, length) of each chunk of `data`, which starts at file offset `base`.
 

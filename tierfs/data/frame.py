@@ -18,6 +18,7 @@ Compression is skipped when it does not save at least 1/16 of the chunk.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import xxhash
@@ -48,16 +49,40 @@ class FrameInfo:
 
 
 def encode(chunk_id: bytes, data: bytes | memoryview, level: int) -> tuple[bytes, int]:
-    """The frame for `data` and its codec (worker thread: zstd over a whole chunk)."""
-    codec, payload = CODEC_RAW, bytes(data)
+    """The frame for `data` and its codec, as one bytes object."""
+    parts, codec = encode_parts(chunk_id, data, level)
+    return b"".join(parts), codec
+
+
+def encode_parts(
+    chunk_id: bytes, data: bytes | memoryview, level: int
+) -> tuple[list[bytes | memoryview], int]:
+    """The frame for `data` as [header + checksum, payload], and its codec (worker thread).
+
+    Kept in two parts so that a raw payload is never copied: the parts go to pwritev as
+    they are.
+    """
+    codec: int = CODEC_RAW
+    payload: bytes | memoryview = data
     if level > 0 and len(data) >= 64:
-        packed = zstandard.ZstdCompressor(level=level).compress(data)
+        packed = _compressor(level).compress(data)
         if len(packed) <= len(data) - len(data) // 16:
             codec, payload = CODEC_ZSTD, packed
     header = HEADER.pack(MAGIC, VERSION, codec, 0, len(data), len(payload), chunk_id)
     digest = xxhash.xxh3_64(header)
     digest.update(payload)
-    return header + digest.digest() + payload, codec
+    return [header + digest.digest(), payload], codec
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One compressor per worker thread and level (they are not thread-safe)."""
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zstd", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level]
 
 
 def parse_header(frame: bytes | memoryview) -> FrameInfo:

@@ -64,7 +64,7 @@ class Piece:
     file_off: int
     length: int
     chunk_id: bytes = b""
-    data: bytes = b""
+    data: bytes | memoryview = b""
 
 
 @dataclass
@@ -74,6 +74,15 @@ class Job:
     generation: int
     ranges: list[tuple[int, int, bool]]  # (start, end, ends the staged range)
     pieces: list[Piece] = field(default_factory=list)
+
+
+@dataclass
+class Encoded:
+    chunk_id: bytes
+    parts: list[bytes | memoryview]
+    frame_len: int
+    raw_len: int
+    codec: int
 
 
 @dataclass
@@ -265,33 +274,33 @@ class Sealer:
                         cuts.pop()
                     view = memoryview(data)
                     for off, length in cuts:
-                        piece = bytes(view[off : off + length])
+                        piece = view[off : off + length]
                         job.pieces.append(
                             Piece(start + off, length, self.chunker.content_id(piece), piece)
                         )
             finally:
                 os.close(fd)
 
-    def _dedup(self, jobs: list[Job]) -> dict[bytes, bytes]:
-        new: dict[bytes, bytes] = {}
+    def _dedup(self, jobs: list[Job]) -> dict[bytes, bytes | memoryview]:
+        new: dict[bytes, bytes | memoryview] = {}
         for job in jobs:
             for piece in job.pieces:
                 if piece.chunk_id not in new and self.chunks.get(piece.chunk_id) is None:
                     new[piece.chunk_id] = piece.data
         return new
 
-    def _encode(self, new: dict[bytes, bytes]) -> list[tuple[bytes, bytes, int, int]]:
-        """Worker thread: (chunk id, frame, plaintext length, codec) of each new chunk."""
+    def _encode(self, new: dict[bytes, bytes | memoryview]) -> list[Encoded]:
+        """Worker thread: each new chunk's frame (as parts), plaintext length and codec."""
         out = []
         for chunk_id, data in new.items():
-            encoded, codec = frame.encode(chunk_id, data, self.policy.zstd_level)
-            out.append((chunk_id, encoded, len(data), codec))
+            parts, codec = frame.encode_parts(chunk_id, data, self.policy.zstd_level)
+            out.append(Encoded(chunk_id, parts, sum(len(p) for p in parts), len(data), codec))
         return out
 
-    async def _append(self, frames: list[tuple[bytes, bytes, int, int]]) -> list[Placed]:
+    async def _append(self, frames: list[Encoded]) -> list[Placed]:
         if not frames:
             return []
-        total = sum(len(f) for _, f, _, _ in frames)
+        total = sum(f.frame_len for f in frames)
         limit = self.policy.hot_max_bytes
         if limit and self.chunks.stats().stored_bytes + total > limit:
             raise OSError(errno.ENOSPC, f"hot tier limit of {limit >> 20} MiB reached")
@@ -300,18 +309,17 @@ class Sealer:
             self._start_segment()
         seg, offset = self.hot.active, self.hot.tail
         assert seg is not None
-        await trio.to_thread.run_sync(
-            self.hot.append, seg, offset, [f for _, f, _, _ in frames], limiter=self.io_limiter
-        )
+        parts = [part for f in frames for part in f.parts]
+        await trio.to_thread.run_sync(self.hot.append, seg, offset, parts, limiter=self.io_limiter)
         if new_segment:
             await trio.to_thread.run_sync(
                 self.hot.sync_new_segment_dirs, seg, limiter=self.io_limiter
             )
         placed = []
         pos = offset
-        for chunk_id, encoded, raw_len, codec in frames:
-            placed.append(Placed(chunk_id, seg, pos, len(encoded), raw_len, codec))
-            pos += len(encoded)
+        for f in frames:
+            placed.append(Placed(f.chunk_id, seg, pos, f.frame_len, f.raw_len, f.codec))
+            pos += f.frame_len
         self.hot.tail = pos
         return placed
 
@@ -399,16 +407,14 @@ class Sealer:
             self.hot.give_back(f.seg, f.offset, f.length)
 
 
-def _pread_all(fd: int, offset: int, size: int) -> bytes:
-    parts = []
-    while size > 0:
-        data = os.pread(fd, min(size, 16 << 20), offset)
-        if not data:
+def _pread_all(fd: int, offset: int, size: int) -> bytearray:
+    """`size` bytes at `offset` read into one buffer (zeros past the end of the file)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
             break
-        parts.append(data)
-        offset += len(data)
-        size -= len(data)
-    data = b"".join(parts)
-    if size > 0:
-        data += bytes(size)
-    return data
+        done += n
+    return buf
