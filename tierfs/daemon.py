@@ -275,6 +275,7 @@ async def _serve(daemon: Daemon, ready_fd: int) -> None:
         nursery.start_soon(daemon.durability.run)
         nursery.start_soon(daemon.sealer.run)
         nursery.start_soon(daemon.compactor.run)
+        daemon.reader.prefetch = nursery
         nursery.start_soon(_signals)
         if ready_fd >= 0:
             _report(ready_fd, "OK")

@@ -22,6 +22,9 @@ class ChunkCache:
         self.hits += 1
         return data
 
+    def contains(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._items
+
     def put(self, chunk_id: bytes, data: bytes) -> None:
         if len(data) > self.max_bytes or chunk_id in self._items:
             return

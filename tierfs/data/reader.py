@@ -24,6 +24,8 @@ from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
 
+PREFETCH_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class ChunkPiece:
@@ -55,6 +57,8 @@ class FileReader:
         self.cache = cache
         self.cpu_limiter = cpu_limiter
         self._loading: dict[bytes, trio.Event] = {}
+        self._prefetching: set[bytes] = set()
+        self.prefetch: trio.Nursery | None = None
         self.checksum_errors = 0
         self.io_errors = 0
 
@@ -66,9 +70,43 @@ class FileReader:
         buf = bytearray(size)
         pieces = self._plan(ino, offset, size, buf)
         if pieces:
+            self._prefetch_after(ino, offset + size, inode.size)
             await self._fill(ino, buf, pieces)
         self.ns.touch_atime(ino)
         return bytes(buf)
+
+    def _prefetch_after(self, ino: int, end: int, file_size: int) -> None:
+        """Start loading the chunks just past a read, so a sequential reader finds them in
+        the cache instead of waiting for a load per chunk (the kernel asks for 128 KiB at
+        a time, a chunk is about 300 KiB)."""
+        if self.prefetch is None or end >= file_size:
+            return
+        for ext in self.extents.overlapping(ino, end, min(file_size, end + PREFETCH_BYTES)):
+            if ext.chunk_id in self._loading or ext.chunk_id in self._prefetching:
+                continue
+            if self.cache.contains(ext.chunk_id):
+                continue
+            record = self.chunks.get(ext.chunk_id)
+            hot = record.hot_location() if record else None
+            if record is None or hot is None:
+                continue
+            piece = ChunkPiece(0, 0, ext.chunk_id, 0, hot[0], hot[1], record.frame_len)
+            self._prefetching.add(ext.chunk_id)
+            self.prefetch.start_soon(self._prefetch_one, ino, piece)
+
+    async def _prefetch_one(self, ino: int, piece: ChunkPiece) -> None:
+        """Load one chunk ahead of a reader. Failures are already logged and counted by
+        chunk_data, and the read that needs the chunk reports them; nothing may escape into
+        the daemon's nursery."""
+        try:
+            with self.chunks.pin(piece.seg, piece.frame_off):
+                await self.chunk_data(ino, piece)
+        except FsError:
+            return
+        except Exception:
+            log.exception("inode %d: prefetch of chunk %s failed", ino, piece.chunk_id.hex()[:16])
+        finally:
+            self._prefetching.discard(piece.chunk_id)
 
     def _plan(self, ino: int, offset: int, size: int, buf: bytearray) -> list[ChunkPiece]:
         """Copy staged bytes into `buf` now; return the chunk pieces still to fetch."""
