@@ -182,7 +182,7 @@ class Sealer:
         return out
 
     def _pressure(self) -> bool:
-        return self.staging.recent_total() > self.policy.staging_high_bytes
+        return self.staging.recent_total(max_age=1.0) > self.policy.staging_high_bytes
 
     async def flush(self) -> None:
         """Seal every staged byte and make it durable (tierfs flush, snapshots)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -70,6 +71,9 @@ class Namespace:
         self.extents = extents
         self.update_atime = atime == "relatime"
         self.fixed_patterns = fixed_patterns
+        self._fixed_re = re.compile(
+            "|".join(fnmatch.translate(p) for p in fixed_patterns) or "(?!)"
+        )
         self.lookups: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.closed_at: dict[int, float] = {}
@@ -109,9 +113,7 @@ class Namespace:
     def chunking_flags(self, name: bytes) -> int:
         """FLAG_FIXED_CHUNKING for names matching `seal.fixed_chunking_patterns`."""
         text = name.decode(errors="replace")
-        if any(fnmatch.fnmatch(text, p) for p in self.fixed_patterns):
-            return FLAG_FIXED_CHUNKING
-        return 0
+        return FLAG_FIXED_CHUNKING if self._fixed_re.match(text) else 0
 
     # -- lookup
 

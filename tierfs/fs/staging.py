@@ -314,11 +314,12 @@ class Staging:
             if own and fd is not None:
                 os.close(fd)
 
-    def recent_total(self) -> int:
-        """staged_total(), recomputed at most every 0.1 s: writes check it on every call."""
+    def recent_total(self, max_age: float = 0.1) -> int:
+        """staged_total(), recomputed at most every `max_age` seconds: it sums over every
+        dirty inode, and writes and the sealer's schedule ask for it often."""
         when, total = self._total_checked
         now = time.monotonic()
-        if now - when > 0.1:
+        if now - when > max_age:
             total = self.staged_total()
             self._total_checked = (now, total)
         return total
