@@ -1,8 +1,9 @@
 """`python -m tools.bench.run`: benchmark tierfs against native and the pyfuse3 floor.
 
-Prints the result table on stdout (progress goes to the log on stderr) and rewrites
-docs/benchmarks.md. Every mount it makes is unmounted and its work directory removed on every
-exit path, Ctrl-C and SIGTERM included. docs/benchmarks.md describes the method.
+Prints the result tables on stdout (progress goes to the log on stderr) and rewrites
+docs/benchmarks.md; then runs the chunking micro-benchmark, which needs no mount. Every mount
+it makes is unmounted and its work directory removed on every exit path, Ctrl-C and SIGTERM
+included. docs/benchmarks.md describes the method.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from tools.bench import report, system, workloads
+from tools.bench import chunking, datapath, profiling, report, system, workloads
+from tools.bench.phases import Figures, Phases, make_cold, settle
 from tools.bench.targets import REPO_ROOT, Target, build
 
 log = logging.getLogger("tools.bench")
@@ -30,8 +32,9 @@ WORK_DIR_CANDIDATES = (Path("/var/tmp"), Path("/work"))
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+PARTS = ("foundation", "datapath", "chunking")
+WRITE_SEAL_SHARE = 0.50
 
-Figures = dict[str, float]
 Results = dict[str, dict[str, list[float]]]
 
 
@@ -61,6 +64,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="sequential file size")
     parser.add_argument("--files", type=_positive, default=10_000, help="number of small files")
     parser.add_argument(
+        "--random-reads", type=_positive, default=20_000, help="4 KiB random reads per target"
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=PARTS,
+        help="leave out a part of the suite (repeatable)",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=report.TARGETS,
@@ -71,14 +84,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=Path,
         help="where to make the temporary work directory (default: /var/tmp or /work)",
     )
-    parser.add_argument("--repeat", type=_positive, default=1, help="runs; the median is shown")
+    parser.add_argument(
+        "--repeat", type=_positive, default=3, help="runs of the FUSE parts; the median is shown"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy profiles of the FUSE daemons per phase into DIR (slows them)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
 
-def metrics(size: int, files: int) -> list[report.Metric]:
-    """The reported figures, labelled with this run's sizes."""
+def foundation_metrics(size: int, files: int) -> list[report.Metric]:
+    """The foundation figures, labelled with this run's sizes; all must reach 80% of floor."""
     big = _human(size)
     return [
         report.Metric("seq_write", f"Sequential write {big}, 1 MiB I/O, fsync", "MB/s"),
@@ -87,6 +108,86 @@ def metrics(size: int, files: int) -> list[report.Metric]:
         report.Metric("stat", f"Stat {files:,} files, cold", "files/s"),
         report.Metric("read", f"Read {files:,} x 4 KiB files, cold", "files/s"),
         report.Metric("delete", f"Delete {files:,} files", "files/s"),
+    ]
+
+
+def datapath_metrics(size: int, reads: int, dup_limit: int) -> list[report.Metric]:
+    """The data-path figures and their targets (see docs/benchmarks.md, "Targets")."""
+    big, mib = _human(size), float(1 << 20)
+    return [
+        report.Metric("rnd_write", f"Random {big}: write + fsync (app-visible)", "MB/s"),
+        report.Metric(
+            "rnd_durable",
+            f"Random {big}: write until durable (sealed)",
+            "MB/s",
+            share=WRITE_SEAL_SHARE,
+            versus="rnd_write",
+            versus_label="write",
+        ),
+        report.Metric("rnd_seal_s", "Random: sealing after fsync", "s", share=None, ratios=False),
+        report.Metric("rnd_read", "Random: sequential read, sealed, cold", "MB/s"),
+        report.Metric("rnd_reread", "Random: re-read after drop_cache + drop_caches", "MB/s"),
+        report.Metric(
+            "rnd_random", f"Random: {reads:,} x 4 KiB random reads, cold", "reads/s", share=None
+        ),
+        report.Metric(
+            "rnd_stored_bytes",
+            "Random: stored after flush",
+            "MiB",
+            scale=mib,
+            share=None,
+            ratios=False,
+        ),
+        report.Metric("dup_write", f"Duplicate-heavy {big}: write + fsync", "MB/s"),
+        report.Metric(
+            "dup_durable",
+            "Duplicate-heavy: write until durable (sealed)",
+            "MB/s",
+            share=WRITE_SEAL_SHARE,
+            versus="dup_write",
+            versus_label="write",
+        ),
+        report.Metric(
+            "dup_seal_s", "Duplicate-heavy: sealing after fsync", "s", share=None, ratios=False
+        ),
+        report.Metric("dup_read", "Duplicate-heavy: sequential read, sealed, cold", "MB/s"),
+        report.Metric(
+            "dup_stored_bytes",
+            "Duplicate-heavy: stored after flush",
+            "MiB",
+            limit=dup_limit / mib,
+            scale=mib,
+            share=None,
+            ratios=False,
+        ),
+    ]
+
+
+def goals(files: int, dup_limit: int) -> list[report.Goal]:
+    """The issue's targets, each decided by the figures it names."""
+    return [
+        report.Goal(
+            "every foundation figure >= 80% of the floor",
+            ("seq_write", "seq_read", "create", "stat", "read", "delete"),
+        ),
+        report.Goal(
+            f"the {files:,}-file workloads >= 80% of the floor",
+            ("create", "stat", "read", "delete"),
+        ),
+        report.Goal(
+            "application-visible sequential write >= 80% of the floor",
+            ("seq_write", "rnd_write", "dup_write"),
+        ),
+        report.Goal(
+            "write until sealed >= 50% of the floor's write", ("rnd_durable", "dup_durable")
+        ),
+        report.Goal(
+            "sequential read of sealed data >= 80% of the floor",
+            ("rnd_read", "rnd_reread", "dup_read"),
+        ),
+        report.Goal(
+            f"duplicate-heavy file stored in <= {dup_limit >> 20} MiB", ("dup_stored_bytes",)
+        ),
     ]
 
 
@@ -125,48 +226,38 @@ def remove_work_dir(work_dir: Path) -> None:
 # -- measuring -------------------------------------------------------------------------------
 
 
-def make_cold(target: Target) -> None:
-    """Remount (FUSE targets) and drop the kernel's caches, so the next phase reads the disk."""
-    target.remount()
-    system.drop_caches()
-
-
-def settle() -> None:
-    """Start a writing phase from clean, dropped caches, independent of the phases before it.
-
-    Without this, creates that follow another target's deletes are much slower on ext4
-    without a journal (as on the reference machine): it skips inodes freed in the last
-    dirty_expire interval (30 s) while their inode-table blocks are cached, scanning for each
-    one; dropping the caches ends the scan. Which target ran before must not matter.
-    """
-    system.drop_caches()
-
-
-def _phase(target: Target, key: str, fn: Callable[[], float], figures: Figures) -> None:
-    figures[key] = value = fn()
-    log.info("%s %s: %.1f", target.name, key, value)
-
-
-def measure(target: Target, size: int, files: int, run: int) -> Figures:
-    """One pass of every workload on a started target, in a directory of its own."""
+def measure_foundation(
+    target: Target, data: datapath.Payloads, files: int, run: int, profile: Path | None
+) -> Figures:
+    """One pass of the foundation workloads on a started target, in a directory of its own."""
     base = target.root / f"run{run}"
     base.mkdir()
     big = base / "sequential.bin"
     tree = workloads.Tree.under(base, files)
-    figures: Figures = {}
+    phases = Phases(target, run, profile)
     settle()
-    _phase(target, "seq_write", lambda: workloads.seq_write(big, size), figures)
+    phases.timed("seq_write", lambda: workloads.seq_write(big, data.random, data.size))
     make_cold(target)
-    _phase(target, "seq_read", lambda: workloads.seq_read(big, size), figures)
+    phases.timed("seq_read", lambda: workloads.seq_read(big, data.size))
     big.unlink()
     settle()
-    _phase(target, "create", lambda: workloads.create_files(tree), figures)
+    phases.timed("create", lambda: workloads.create_files(tree))
     make_cold(target)
-    _phase(target, "stat", lambda: workloads.stat_files(tree), figures)
+    phases.timed("stat", lambda: workloads.stat_files(tree))
     make_cold(target)
-    _phase(target, "read", lambda: workloads.read_files(tree), figures)
-    _phase(target, "delete", lambda: workloads.delete_files(tree), figures)
+    phases.timed("read", lambda: workloads.read_files(tree))
+    phases.timed("delete", lambda: workloads.delete_files(tree))
     base.rmdir()
+    return phases.figures
+
+
+def measure(target: Target, data: datapath.Payloads, args: argparse.Namespace, run: int) -> Figures:
+    """One pass of every FUSE-side part of the suite that was not skipped."""
+    figures: Figures = {}
+    if "foundation" not in args.skip:
+        figures |= measure_foundation(target, data, args.files, run, args.profile)
+    if "datapath" not in args.skip:
+        figures |= datapath.measure(target, data, args.random_reads, run, args.profile)
     return figures
 
 
@@ -174,6 +265,7 @@ def run_all(targets: Sequence[Target], args: argparse.Namespace) -> tuple[Result
     """Every target, `repeat` times; also the mount options each FUSE target really got."""
     results: Results = {t.name: {} for t in targets}
     options: dict[str, str] = {}
+    data = datapath.Payloads.make(args.size)
     for target in targets:
         log.info("starting %s", target.name)
         target.start()
@@ -182,8 +274,7 @@ def run_all(targets: Sequence[Target], args: argparse.Namespace) -> tuple[Result
     for run in range(args.repeat):
         for target in targets:
             log.info("run %d/%d: %s", run + 1, args.repeat, target.name)
-            figures = measure(target, args.size, args.files, run)
-            for key, value in figures.items():
+            for key, value in measure(target, data, args, run).items():
                 results[target.name].setdefault(key, []).append(value)
     return results, options
 
@@ -212,22 +303,92 @@ def stop_all(targets: Sequence[Target], work_dir: Path) -> None:
 # -- output -----------------------------------------------------------------------------------
 
 
+def tables(args: argparse.Namespace, results: Results, dup_limit: int) -> list[report.Table]:
+    """The result tables of the parts that ran."""
+    out = []
+    if "foundation" not in args.skip:
+        rows = report.rows(foundation_metrics(args.size, args.files), results)
+        out.append(report.Table("Foundation", rows))
+    if "datapath" not in args.skip:
+        metrics = datapath_metrics(args.size, args.random_reads, dup_limit)
+        out.append(report.Table("Data path", report.rows(metrics, results), note=DATAPATH_NOTE))
+        files = {"rnd": "Random", "dup": "Duplicate-heavy"}
+        space = report.space_rows(results, files, args.size)
+        if space:
+            out.append(report.Table("tierfs space after each flush", space, report.SPACE_HEADER))
+    return out
+
+
+DATAPATH_NOTE = """\
+For native and floor the data is durable once fsync returns, so their "until durable" rate
+is their write rate and their sealing time is only the close. Stored sizes are what `tierfs
+status` chunks `stored_bytes` grew by while the file was written and flushed."""
+
+
+def notes(args: argparse.Namespace, load_at_start: str, results: Results) -> list[str]:
+    """What a reader must know to trust (or discount) this run's figures."""
+    cpus = len(os.sched_getaffinity(0))
+    now = os.getloadavg()
+    end = " ".join(f"{x:.2f}" for x in now)
+    busy = max(now[0], float(load_at_start.split()[0])) >= 0.5 * cpus
+    verdict = (
+        "other work competed for the same cores and disk, so figures can move by tens of "
+        "percent between runs"
+        if busy
+        else "the machine was otherwise quiet"
+    )
+    load = f"Load average {load_at_start} at the start and {end} at the end, on {cpus} CPUs"
+    out = [f"{load}: {verdict}."]
+    if args.repeat > 1:
+        rates = [m for m in _all_metrics(args) if m.ratios]
+        spreads = [report.widest_spread(results, name, rates) for name in results]
+        described = [
+            f"{name} {ratio:.2f}x ({key})"
+            for name, (key, ratio) in zip(results, spreads, strict=True)
+            if key
+        ]
+        out.append(
+            f"{args.repeat} repeats; the widest spread between the fastest and the slowest "
+            f"repeat of one figure: {', '.join(described)}."
+        )
+    else:
+        out.append("One repeat: each figure is a single measurement.")
+    if args.profile is not None:
+        out.append(
+            f"py-spy sampled the daemons during every phase (profiles in {args.profile}): "
+            "sampling slows them down, so these figures are not comparable with other runs."
+        )
+    return out
+
+
+def _all_metrics(args: argparse.Namespace) -> list[report.Metric]:
+    dup_limit = datapath.Payloads.dup_limit(args.size)
+    return [
+        *foundation_metrics(args.size, args.files),
+        *datapath_metrics(args.size, args.random_reads, dup_limit),
+    ]
+
+
 def write_report(
     args: argparse.Namespace,
     argv: Sequence[str],
     results: Results,
     options: dict[str, str],
     machine: dict[str, str],
+    kept: Sequence[str],
 ) -> None:
-    """Print the table (the runner's only stdout) and rewrite the markdown report."""
-    table_metrics = metrics(args.size, args.files)
-    table = report.rows(table_metrics, results)
-    missed = report.misses(table_metrics, results)
-    print(report.text_table(table))
-    print()
-    print("tierfs figures below 80% of the floor: " + ("; ".join(missed) or "none"))
+    """Print the tables (the runner's only stdout) and rewrite the markdown report."""
+    dup_limit = datapath.Payloads.dup_limit(args.size)
+    all_metrics = _all_metrics(args)
+    missed = report.misses(all_metrics, results)
+    goal_lines = report.goal_rows(goals(args.files, dup_limit), all_metrics, results)
+    result_tables = tables(args, results, dup_limit)
+    for t in result_tables:
+        print(f"{t.title}\n{report.text_table(t.table, t.header)}\n")
+    print("\n".join(goal_lines))
     settings = {
-        "Sizes": f"{_human(args.size)} sequential file, {args.files:,} small files",
+        "Sizes": f"{_human(args.size)} sequential files, {args.files:,} small files, "
+        f"{args.random_reads:,} random reads",
         "Repeats": f"{args.repeat} (median shown)",
         **{f"FUSE options ({name})": opts for name, opts in options.items()},
     }
@@ -236,12 +397,35 @@ def write_report(
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         machine=machine,
         settings=settings,
-        table=table,
+        tables=result_tables,
+        goals=goal_lines,
         missed=missed,
+        notes=notes(args, machine["Load average at start"], results),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report.document(run))
+    args.output.write_text(report.document(run, kept))
     log.info("wrote %s", args.output)
+
+
+def kept_sections(args: argparse.Namespace, chunking_section: str | None) -> list[str]:
+    """The sections this run does not write, from the current report; the chunking section
+    replaced when the chunking benchmark ran."""
+    old = args.output.read_text() if args.output.exists() else ""
+    kept = {name: report.kept_section(old, name) for name in report.KEPT_SECTIONS}
+    if chunking_section is not None:
+        kept[chunking.SECTION] = chunking_section
+    return [kept[name] for name in report.KEPT_SECTIONS]
+
+
+def run_chunking(args: argparse.Namespace) -> chunking.Outcome | None:
+    """The chunking micro-benchmark, unless skipped or interrupted (its old section stays)."""
+    if "chunking" in args.skip:
+        return None
+    try:
+        return chunking.run()
+    except KeyboardInterrupt:
+        log.error("interrupted during the chunking benchmark; keeping its old section")
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,8 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if {"foundation", "datapath"} <= set(args.skip):
+        return chunking.main(["--output", str(args.output)])
     if os.geteuid() != 0:
         log.error("needs root: dropping caches and FUSE allow_other (as tierfs uses it)")
+        return 2
+    if args.profile is not None and not profiling.available():
+        log.error("--profile needs py-spy next to %s (pip install py-spy)", sys.executable)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
@@ -270,7 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         stop_all(targets, work_dir)
-    write_report(args, argv, results, options, machine)
+    outcome = run_chunking(args)
+    section = chunking.section(outcome) if outcome is not None else None
+    write_report(args, argv, results, options, machine, kept_sections(args, section))
+    if outcome is not None:
+        chunking.print_tables(outcome)
     return 0
 
 

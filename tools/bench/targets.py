@@ -3,6 +3,11 @@
 Each target owns a directory under the work dir, exposes `root` (where the workloads run),
 and can be started, remounted (for cold figures) and stopped. `stop` is idempotent and never
 raises, because it runs on every exit path, Ctrl-C included, and must leave no mount behind.
+
+The data-path workloads also ask each target to make written data durable in its final form
+(`seal`), to forget its own data cache (`drop_data_cache`) and what it stores (`space`).
+Native and floor data is final once fsync returns and they keep no cache of their own, so
+for them these do nothing; tierfs answers through its control socket.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from tierfs import control
+from tierfs.datadir import DataDir
 from tools.bench import system
 
 log = logging.getLogger(__name__)
@@ -23,6 +30,10 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 60.0
+FLUSH_TIMEOUT = 3600.0
+
+# What `space` reports: the tierfs status figures that say how much a file cost to store.
+Space = dict[str, float]
 
 
 class Target(Protocol):
@@ -39,8 +50,37 @@ class Target(Protocol):
 
     def stop(self) -> None: ...
 
+    def seal(self) -> None:
+        """Return once written data is durable in its final form."""
+        ...
 
-class Native:
+    def drop_data_cache(self) -> None:
+        """Forget data the target caches itself (the kernel's caches are dropped apart)."""
+        ...
+
+    def space(self) -> Space | None:
+        """What the stored data costs (None: the target does not say)."""
+        ...
+
+    def daemon_pid(self) -> int | None:
+        """The process serving the mount, for profiling (None: there is none)."""
+        ...
+
+
+class _NoDataPath:
+    """Data is final once fsync returns, no cache of its own, no stored-size accounting."""
+
+    def seal(self) -> None:
+        """Nothing to do: fsync already made the data durable as it will stay."""
+
+    def drop_data_cache(self) -> None:
+        """Nothing to drop: the page cache is all there is, and it is dropped apart."""
+
+    def space(self) -> Space | None:
+        return None
+
+
+class Native(_NoDataPath):
     """The plain directory, on the same filesystem as the FUSE targets' backing directories."""
 
     name = "native"
@@ -61,8 +101,11 @@ class Native:
     def stop(self) -> None:
         """Nothing to unmount."""
 
+    def daemon_pid(self) -> int | None:
+        return None
 
-class Floor:
+
+class Floor(_NoDataPath):
     """tools.bench.passthrough in its own process, passing through a directory."""
 
     name = "floor"
@@ -106,6 +149,9 @@ class Floor:
         self.stop()
         self.start()
 
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def stop(self) -> None:
         if system.is_mounted(self.mountpoint):
             system.fusermount_unmount(self.mountpoint)
@@ -141,6 +187,38 @@ class Tierfs:
     def remount(self) -> None:
         self.stop()
         self.start()
+
+    def _request(self, cmd: str, timeout: float = 30.0) -> dict[str, Any]:
+        return control.request(DataDir(self.data).control_socket, cmd, timeout=timeout)
+
+    def seal(self) -> None:
+        """The request `tierfs flush` sends: seal everything, return once it is durable.
+
+        Made from this process, so the figure does not include starting a Python CLI.
+        """
+        self._request("flush", timeout=FLUSH_TIMEOUT)
+
+    def drop_data_cache(self) -> None:
+        """Empty the daemon's cache of decompressed chunks (the control request)."""
+        self._request("drop_cache")
+
+    def space(self) -> Space | None:
+        """Chunk and tier sizes from `tierfs status` (bytes, and the two ratios)."""
+        doc = self._request("status")["status"]
+        chunks, tiers = doc["chunks"], doc["tiers"]
+        return {
+            "stored_bytes": chunks["stored_bytes"],
+            "unique_bytes": chunks["unique_bytes"],
+            "dedup_ratio": chunks["dedup_ratio"],
+            "compression_ratio": chunks["compression_ratio"],
+            "hot_bytes": tiers["hot"]["bytes"],
+            "staging_bytes": tiers["staging"]["bytes"],
+        }
+
+    def daemon_pid(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(DataDir(self.data).pid_file.read_text())
+        return None
 
     def stop(self) -> None:
         """`tierfs umount` (it syncs first); if that fails, unmount and end the daemon by pid."""
