@@ -58,6 +58,7 @@ class FileReader:
         self.cpu_limiter = cpu_limiter
         self._loading: dict[bytes, trio.Event] = {}
         self._prefetching: set[bytes] = set()
+        self._last_end: dict[int, int] = {}
         self.prefetch: trio.Nursery | None = None
         self.checksum_errors = 0
         self.io_errors = 0
@@ -69,16 +70,22 @@ class FileReader:
         size = min(size, inode.size - offset)
         buf = bytearray(size)
         pieces = self._plan(ino, offset, size, buf)
+        sequential = self._last_end.get(ino) == offset
+        self._last_end[ino] = offset + size
+        if len(self._last_end) > 4096:
+            self._last_end.pop(next(iter(self._last_end)))
         if pieces:
-            self._prefetch_after(ino, offset + size, inode.size)
+            if sequential:
+                self._prefetch_after(ino, offset + size, inode.size)
             await self._fill(ino, buf, pieces)
         self.ns.touch_atime(ino)
         return bytes(buf)
 
     def _prefetch_after(self, ino: int, end: int, file_size: int) -> None:
-        """Start loading the chunks just past a read, so a sequential reader finds them in
-        the cache instead of waiting for a load per chunk (the kernel asks for 128 KiB at
-        a time, a chunk is about 300 KiB)."""
+        """Start loading the chunks just past a sequential read, so that the reader finds
+        them in the cache instead of waiting for a load per chunk (the kernel asks for
+        128 KiB at a time, a chunk is about 300 KiB). Only for reads that began where the
+        previous read of the file ended: random readers would pay for chunks never used."""
         if self.prefetch is None or end >= file_size:
             return
         for ext in self.extents.overlapping(ino, end, min(file_size, end + PREFETCH_BYTES)):
