@@ -195,9 +195,14 @@ class FuseServer:
 
     def serve(self) -> None:
         """Answer requests until `stopping` is set or the filesystem is unmounted."""
-        while not self.stopping:
+        while True:
             try:
+                # `waiting` goes up before `stopping` is looked at: a SIGTERM that lands
+                # between the two then raises Stop here instead of leaving us blocked in a
+                # read that no request will ever end.
                 self.waiting = True
+                if self.stopping:
+                    return
                 request = os.read(self.fd, BUFFER_SIZE)
             except Stop:
                 return
