@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 
 from tierfs.errors import ExitCode, TierfsError
@@ -138,16 +139,9 @@ def is_locked(data_dir: DataDir) -> bool:
     return False
 
 
-def _unescape_mountinfo(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+def unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal); undo it."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def tierfs_mounts() -> dict[Path, Path]:
@@ -162,7 +156,7 @@ def tierfs_mounts() -> dict[Path, Path]:
         fields, rfields = left.split(), right.split()
         if len(fields) < 5 or len(rfields) < 2 or rfields[0] != FSTYPE:
             continue
-        mounts[Path(_unescape_mountinfo(fields[4]))] = Path(_unescape_mountinfo(rfields[1]))
+        mounts[Path(unescape_mountinfo(fields[4]))] = Path(unescape_mountinfo(rfields[1]))
     return mounts
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tierfs.datadir import unescape_mountinfo
 
 from . import layer
 from .fuse import syncfs
@@ -116,9 +117,4 @@ def is_mounted(path: Path) -> bool:
     """Whether something is mounted at `path` (works while its FUSE daemon is dead, too)."""
     target = str(path.absolute())
     with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+        return any(unescape_mountinfo(line.split()[4]) == target for line in f)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tierfs.datadir import unescape_mountinfo
+
 log = logging.getLogger(__name__)
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -28,19 +30,6 @@ class Mount:
     options: str
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes blanks and backslashes as octal (\\040); undo it."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts() -> list[Mount]:
     """Every mount this process can see, in mount order."""
     out = []
@@ -51,7 +40,14 @@ def mounts() -> list[Mount]:
             continue
         both = f"{fields[5]},{rfields[2] if len(rfields) > 2 else ''}".split(",")
         options = ",".join(dict.fromkeys(o for o in both if o))
-        out.append(Mount(Path(_unescape(fields[4])), rfields[0], _unescape(rfields[1]), options))
+        out.append(
+            Mount(
+                Path(unescape_mountinfo(fields[4])),
+                rfields[0],
+                unescape_mountinfo(rfields[1]),
+                options,
+            )
+        )
     return out
 
 
