@@ -139,6 +139,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seal", "batch_mb", int, 64, "Staged data sealed per round (bounds memory use).", 1),
     Setting(
         "seal",
+        "stream_behind_mb",
+        int,
+        64,
+        "A file being written sequentially is sealed behind its writer once this much of it\n"
+        "# lies behind the write position, while it is still open (0: wait for the close).",
+        0,
+    ),
+    Setting(
+        "seal",
         "zstd_level",
         int,
         3,

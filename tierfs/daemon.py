@@ -174,6 +174,7 @@ def open_daemon(
         max_dirty_age=config.get("seal", "max_dirty_age"),
         staging_high_bytes=config.get("seal", "staging_high_mb") << 20,
         batch_bytes=config.get("seal", "batch_mb") << 20,
+        stream_behind_bytes=config.get("seal", "stream_behind_mb") << 20,
         zstd_level=config.get("seal", "zstd_level"),
         hot_max_bytes=config.get("hot", "max_mb") << 20,
         idle_delay=config.get("seal", "idle_delay"),

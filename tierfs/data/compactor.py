@@ -6,7 +6,7 @@ suffers. A fragmented file (more than `compact_min_extents` extents and more tha
 `compact_ratio` times the extents its size needs) has its sealed bytes copied back into
 staging, where the sealer cuts them afresh; the old chunks lose their references.
 
-The copy is taken under the sealer's lock and checked on the trio thread against the extent
+The copy is taken while no seal round is in flight and checked on the trio thread against the extent
 map just before it is written, so that bytes written or sealed meanwhile always win.
 """
 
@@ -65,7 +65,7 @@ class Compactor:
         commit with the next group commit, and they must never point at bytes a power loss
         could take, while the extents they shadow held durable data.
         """
-        async with self.sealer.lock:
+        async with self.sealer.exclusive():
             extents = list(self.sealer.extents.overlapping(ino, 0, 1 << 63))
             plaintexts = await self._load(ino, extents)
             self.ns.staging.acquire(ino)

@@ -12,7 +12,8 @@
     56     ...   payload
 
 Frames are self-describing so that a tier can be scanned and checked without the index.
-Compression is skipped when it does not save at least 1/16 of the chunk.
+Compression is skipped when it does not save at least 1/16 of the chunk, and not tried on a
+chunk of 64 KiB or more when none of three 4 KiB samples of it would save that much.
 """
 
 from __future__ import annotations
@@ -64,14 +65,41 @@ def encode_parts(
     """
     codec: int = CODEC_RAW
     payload: bytes | memoryview = data
-    if level > 0 and len(data) >= 64:
+    if level > 0 and len(data) >= 64 and _worth_trying(data, level):
         packed = _compressor(level).compress(data)
-        if len(packed) <= len(data) - len(data) // 16:
+        if _saves_enough(len(data), len(packed)):
             codec, payload = CODEC_ZSTD, packed
     header = HEADER.pack(MAGIC, VERSION, codec, 0, len(data), len(payload), chunk_id)
     digest = xxhash.xxh3_64(header)
     digest.update(payload)
     return [header + digest.digest(), payload], codec
+
+
+PROBE_SIZE = 4096
+PROBE_MIN_CHUNK = 64 << 10
+
+
+def _saves_enough(raw_len: int, packed_len: int) -> bool:
+    return packed_len <= raw_len - raw_len // 16
+
+
+def _worth_trying(data: bytes | memoryview, level: int) -> bool:
+    """Whether compressing the whole chunk may pay: a large chunk is probed first.
+
+    Most incompressible data (media, encrypted or already compressed files) is caught by
+    compressing three 4 KiB samples (start, middle, end) at a twentieth of the cost of the
+    whole chunk; zstd gives up on such data quickly, but not for free. Any sample that
+    shrinks enough means the whole chunk is tried.
+    """
+    if len(data) < PROBE_MIN_CHUNK:
+        return True
+    view = memoryview(data)
+    compressor = _compressor(level)
+    for start in (0, (len(data) - PROBE_SIZE) // 2, len(data) - PROBE_SIZE):
+        sample = view[start : start + PROBE_SIZE]
+        if _saves_enough(PROBE_SIZE, len(compressor.compress(sample))):
+            return True
+    return False
 
 
 _local = threading.local()

@@ -1,38 +1,47 @@
 """The sealer: staged ranges become immutable, deduplicated, compressed chunks.
 
-One round seals a batch of inodes (at most `seal.batch_mb` of staged data):
+One round seals a batch of inodes (at most `seal.batch_mb` of staged data) in two stages:
 
-1. take (trio): the staged ranges to seal; writes to them from now on are recorded as
-   "touched" so that the round does not install data that changed under it;
-2. cut (worker): read the staged bytes, cut them (FastCDC, or fixed blocks), name each chunk;
-3. dedup (trio): chunks the index already has are not stored again;
-4. encode (worker): zstd + frame the new chunks;
-5. append (worker): write the frames to the active hot segment and fdatasync it;
-6. install (trio, one operation): chunk records, extents for every piece not touched meanwhile,
-   segment end; the sealed ranges leave staging. The group commit makes it durable later;
-7. release (trio, after that commit is durable): punch the sealed bytes out of staging files
-   and the frames of freed chunks out of segments.
+prepare (under `prepare_lock`, one round at a time)
+  1. take (trio): staged ranges not already in a round in flight; writes to them from now
+     on are recorded ("watched") so that the round does not install data that changed;
+  2. cut (worker): read the staged bytes into a reused arena, cut them (FastCDC, or fixed
+     blocks), name each chunk;
+  3. dedup (trio): chunks the index already has, or a round in flight is storing, are not
+     stored again;
+  4. encode (worker): zstd + frame the new chunks;
 
-Rounds run one at a time (`lock`). A range still being written is held back until it has
-been quiet for `seal.quiet_period` after close, or dirty for `seal.max_dirty_age`; staging
-above `seal.staging_high_mb` seals the oldest data first; `flush()` seals everything now.
+store (in round order; the next round prepares meanwhile, so two cores work)
+  5. append (worker): write the frames to the active hot segment and fdatasync it;
+  6. install (trio, one operation): chunk records, extents for every piece not touched
+     meanwhile, segment end; the sealed ranges leave staging. The group commit makes it
+     durable later;
+  7. release (trio, after that commit is durable): punch the sealed bytes out of staging
+     files and the frames of freed chunks out of segments.
+
+At most PIPELINE_DEPTH rounds are in flight (`_slots`). A range still being written is held
+back until it has been quiet for `seal.quiet_period` after close, or dirty for
+`seal.max_dirty_age`; staging above `seal.staging_high_mb` seals the oldest data first;
+`flush()` seals everything now. `exclusive()` waits until no round is in flight (compaction).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import logging
-import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import trio
 
 from tierfs.crashpoints import crash_point
-from tierfs.data import frame
 from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex, PendingFree
 from tierfs.data.extents import Extent, ExtentMap
+from tierfs.data.sealwork import ArenaPool, Batch, Encoded, Job, Placed, cut_batch, encode_new
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.namespace import Namespace
@@ -46,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TICK = 0.2
 RETRY_DELAY = 2.0
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -54,45 +64,16 @@ class SealPolicy:
     max_dirty_age: float = 300.0
     staging_high_bytes: int = 1 << 30
     batch_bytes: int = 64 << 20
+    stream_behind_bytes: int = 64 << 20
     zstd_level: int = 3
     hot_max_bytes: int = 0
     idle_delay: float = 0.5
 
 
-@dataclass
-class Piece:
-    file_off: int
-    length: int
-    chunk_id: bytes = b""
-    data: bytes | memoryview = b""
-
-
-@dataclass
-class Job:
-    ino: int
-    fixed: bool
-    generation: int
-    ranges: list[tuple[int, int, bool]]  # (start, end, ends the staged range)
-    pieces: list[Piece] = field(default_factory=list)
-
-
-@dataclass
-class Encoded:
-    chunk_id: bytes
-    parts: list[bytes | memoryview]
-    frame_len: int
-    raw_len: int
-    codec: int
-
-
-@dataclass
-class Placed:
-    chunk_id: bytes
-    seg: int
-    offset: int
-    frame_len: int
-    raw_len: int
-    codec: int
+class Outcome(enum.Enum):
+    SEALED = "sealed"  # handed on (or, inline, stored and installed)
+    NOTHING = "nothing"  # nothing of the inodes could be taken
+    FAILED = "failed"  # the round failed; its data stays staged
 
 
 class Sealer:
@@ -119,29 +100,43 @@ class Sealer:
         self.policy = policy
         self.cpu_limiter = cpu_limiter
         self.io_limiter = io_limiter
-        self.lock = trio.Lock()
+        self.prepare_lock = trio.Lock()
         self.activity = Activity()
         self.partial_inodes: set[int] = set()
         self.rounds = 0
         self.sealed_bytes = 0
         self.failures = 0
+        self._slots = trio.Semaphore(PIPELINE_DEPTH)
+        self._last_stored = trio.Event()
+        self._last_stored.set()
+        self._inflight: dict[int, RangeSet] = {}
+        self._inflight_new: set[bytes] = set()
+        self._arenas = ArenaPool(policy.batch_bytes + chunker.max_size)
+        self._store_failed = False
 
     # -- scheduling
 
     async def run(self) -> None:
         """The sealer task. A failing round is logged and retried; it never stops the mount."""
-        while True:
-            try:
-                due = self.due()
-                if due and not await self.seal_round(due):
+        async with trio.open_nursery() as nursery:
+            while True:
+                outcome = Outcome.NOTHING
+                try:
+                    due = self.due()
+                    behind = self.behind_writers()
+                    due += [ino for ino in behind if ino not in due]
+                    if due:
+                        outcome = await self.seal_round(due, nursery, behind)
+                    await self.release_space()
+                except Exception:
+                    self.failures += 1
+                    log.exception("sealer round failed; staged data is kept and retried")
+                    await trio.sleep(5)
+                if outcome is Outcome.FAILED or self._store_failed:
+                    self._store_failed = False
                     await trio.sleep(RETRY_DELAY)
-                await self.release_space()
-            except Exception:
-                self.failures += 1
-                log.exception("sealer round failed; staged data is kept and retried")
-                await trio.sleep(5)
-            if not due:
-                await trio.sleep(TICK)
+                elif outcome is Outcome.NOTHING:
+                    await trio.sleep(TICK)
 
     def due(self) -> list[int]:
         """Inodes whose staged data should be sealed now, oldest first.
@@ -171,6 +166,21 @@ class Sealer:
             out = [(since, ino) for ino, since in self.staging.dirty_since.items()]
         return [ino for _, ino in sorted(out)]
 
+    def behind_writers(self) -> dict[int, int]:
+        """Open files written sequentially with at least `stream_behind_bytes` staged behind
+        their writer, each with its write position: a long stream is sealed as it goes,
+        which spreads the work over the write and keeps staging small, instead of all of
+        it waiting for the close."""
+        least = self.policy.stream_behind_bytes
+        if not least:
+            return {}
+        out = {}
+        for ino, (_, end) in self.staging.streams.items():
+            ranges = self.staging.ranges.get(ino)
+            if ranges and sum(b - a for a, b in self._untaken(ino, ranges, end)) >= least:
+                out[ino] = end
+        return out
+
     def _aged(self, now: float) -> list[int]:
         """Inodes dirty for max_dirty_age. dirty_since is filled in time order (an entry is
         added when an inode first becomes dirty), so the scan stops at the first young one."""
@@ -187,9 +197,15 @@ class Sealer:
     async def flush(self) -> None:
         """Seal every staged byte and make it durable (tierfs flush, snapshots)."""
         while self.staging.dirty_since:
+            await self._last_stored.wait()
             before = self.staging.staged_total()
-            order = sorted(self.staging.dirty_since, key=self.staging.dirty_since.__getitem__)
-            await self.seal_round(order)
+            async with trio.open_nursery() as nursery:
+                outcome = Outcome.SEALED
+                while outcome is Outcome.SEALED:
+                    dirty = self.staging.dirty_since
+                    order = sorted(dirty, key=dirty.__getitem__)
+                    outcome = await self.seal_round(order, nursery)
+            await self._last_stored.wait()
             if self.staging.dirty_since and self.staging.staged_total() >= before:
                 raise TierfsError(
                     f"sealing makes no progress ({before:,} bytes staged); see the log",
@@ -198,41 +214,111 @@ class Sealer:
         await self.durability.sync(None)
         await self.release_space()
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """No round runs while the caller holds this (compaction rewrites extents)."""
+        async with self.prepare_lock:
+            await self._last_stored.wait()
+            yield
+
     # -- one round
 
-    async def seal_round(self, inos: list[int]) -> bool:
-        """Seal what can be sealed of `inos`; False when the round failed (and kept it all)."""
-        async with self.lock:
-            jobs = self._take(inos)
-            log.debug("seal round for %s: %d jobs", inos[:8], len(jobs))
-            if not jobs:
-                return True
-            try:
-                await trio.to_thread.run_sync(self._cut, jobs, limiter=self.cpu_limiter)
-                new = self._dedup(jobs)
-                frames = await trio.to_thread.run_sync(self._encode, new, limiter=self.cpu_limiter)
-                placed = await self._append(frames)
-                crash_point("seal-after-append")
-                self._install(jobs, placed)
-                crash_point("seal-after-install")
-                self.rounds += 1
-                log.debug(
-                    "seal round %d: %d files, %d chunks, %d new",
-                    self.rounds,
-                    len(jobs),
-                    sum(len(j.pieces) for j in jobs),
-                    len(placed),
-                )
-                return True
-            except OSError as exc:
-                self.failures += 1
-                log.warning("seal round failed, data stays staged: %s", exc)
-                return False
-            finally:
-                for job in jobs:
-                    self.staging.touched.pop(job.ino, None)
+    async def seal_round(
+        self,
+        inos: list[int],
+        nursery: trio.Nursery | None = None,
+        behind: dict[int, int] | None = None,
+    ) -> Outcome:
+        """Seal what can be sealed of `inos` (of those in `behind`, only what lies before
+        the given write position).
 
-    def _take(self, inos: list[int]) -> list[Job]:
+        With a nursery the round's store stage runs there and this returns once the round
+        is prepared, so that the caller can prepare the next one meanwhile.
+        """
+        await self._slots.acquire()
+        handed = False
+        try:
+            async with self.prepare_lock:
+                batch = self._take(inos, behind or {})
+                if batch is None:
+                    return Outcome.NOTHING
+                if not await self._prepare(batch):
+                    self._finish(batch)
+                    return Outcome.FAILED
+                previous, stored = self._last_stored, trio.Event()
+                self._last_stored = stored
+            handed = True
+        finally:
+            if not handed:
+                self._slots.release()
+        if nursery is not None:
+            nursery.start_soon(self._store, batch, previous, stored)
+            return Outcome.SEALED
+        return Outcome.SEALED if await self._store(batch, previous, stored) else Outcome.FAILED
+
+    async def _prepare(self, batch: Batch) -> bool:
+        """Cut, dedup and encode a taken batch; False (logged) when reading staging failed."""
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(
+                cut_batch,
+                batch,
+                self.chunker,
+                self.staging.path_str,
+                self._arenas.size,
+                limiter=self.cpu_limiter,
+            )
+            self._narrow_inflight(batch)
+            self._dedup(batch)
+            level = self.policy.zstd_level
+            await trio.to_thread.run_sync(encode_new, batch, level, limiter=self.cpu_limiter)
+            batch.prepare_time = time.monotonic() - started
+            return True
+        except OSError as exc:
+            self.failures += 1
+            log.warning("seal round failed, data stays staged: %s", exc)
+            return False
+
+    async def _store(self, batch: Batch, previous: trio.Event, stored: trio.Event) -> bool:
+        """Append and install a prepared batch, after the round before it (store stage)."""
+        try:
+            await previous.wait()
+            started = time.monotonic()
+            placed = await self._append(batch.frames)
+            crash_point("seal-after-append")
+            appended = time.monotonic()
+            self._install(batch.jobs, placed)
+            crash_point("seal-after-install")
+            self.rounds += 1
+            log.debug(
+                "seal round %d: %d files, %d chunks, %d new; prepared in %.3f s, "
+                "appended in %.3f s, installed in %.3f s",
+                self.rounds,
+                len(batch.jobs),
+                sum(len(j.pieces) for j in batch.jobs),
+                len(placed),
+                batch.prepare_time,
+                appended - started,
+                time.monotonic() - appended,
+            )
+            return True
+        except OSError as exc:
+            self.failures += 1
+            self._store_failed = True
+            log.warning("seal round failed, data stays staged: %s", exc)
+            return False
+        except Exception:
+            self.failures += 1
+            self._store_failed = True
+            log.exception("seal round failed; staged data is kept and retried")
+            return False
+        finally:
+            self._finish(batch)
+            stored.set()
+            self._slots.release()
+
+    def _take(self, inos: list[int], behind: dict[int, int]) -> Batch | None:
+        """The staged ranges of `inos` (up to the batch budget) that no round has yet."""
         budget = self.policy.batch_bytes
         jobs = []
         for ino in inos:
@@ -244,10 +330,10 @@ class Sealer:
                 self.staging.dirty_since.pop(ino, None)
                 continue
             picked = []
-            for start, end in ranges.as_list():
-                end = min(end, inode.size)
-                if start >= end or budget <= 0:
-                    continue
+            limit = min(inode.size, behind.get(ino, inode.size))
+            for start, end in self._untaken(ino, ranges, limit):
+                if budget <= 0:
+                    break
                 take = min(end - start, max(budget, self.chunker.max_size))
                 picked.append((start, start + take, start + take == end))
                 budget -= take
@@ -255,47 +341,61 @@ class Sealer:
                 fixed = bool(inode.flags & FLAG_FIXED_CHUNKING)
                 generation = self.staging.generation.get(ino, 0)
                 jobs.append(Job(ino, fixed, generation, picked))
-                self.staging.touched[ino] = RangeSet()
-        return jobs
-
-    def _cut(self, jobs: list[Job]) -> None:
-        """Worker thread: read staged bytes, cut, and name the chunks."""
+        if not jobs:
+            return None
         for job in jobs:
-            try:
-                path = self.staging.path_str(job.ino, job.generation)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            job.touched = self.staging.watch(job.ino)
+            taken = self._inflight.setdefault(job.ino, RangeSet())
+            for start, end, _ in job.ranges:
+                taken.add(start, end)
+        return Batch(jobs, self._arenas.take())
+
+    def _untaken(self, ino: int, ranges: RangeSet, size: int) -> list[tuple[int, int]]:
+        """Staged ranges below `size` that no round in flight has taken."""
+        free = RangeSet(ranges.intersect(0, size))
+        for start, end in self._inflight.get(ino, RangeSet()).as_list():
+            free.remove(start, end)
+        return free.as_list()
+
+    def _narrow_inflight(self, batch: Batch) -> None:
+        """After the cut a round holds only the bytes of its pieces: the tail it left for
+        later (a run split across rounds) can be taken by the next round at once."""
+        for job in batch.jobs:
+            taken = self._inflight.get(job.ino)
+            if taken is None:
                 continue
-            try:
-                for start, end, final in job.ranges:
-                    data = _pread_all(fd, start, end - start)
-                    cuts = list(self.chunker.cut(data, job.fixed, start))
-                    if not final and len(cuts) > 1:
-                        cuts.pop()
-                    view = memoryview(data)
-                    for off, length in cuts:
-                        piece = view[off : off + length]
-                        job.pieces.append(
-                            Piece(start + off, length, self.chunker.content_id(piece), piece)
-                        )
-            finally:
-                os.close(fd)
+            for start, end, _ in job.ranges:
+                taken.remove(start, end)
+            kept = RangeSet([(p.file_off, p.file_off + p.length) for p in job.pieces])
+            for start, end in kept.as_list():
+                taken.add(start, end)
+            job.ranges = [(start, end, True) for start, end in kept.as_list()]
 
-    def _dedup(self, jobs: list[Job]) -> dict[bytes, bytes | memoryview]:
-        new: dict[bytes, bytes | memoryview] = {}
-        for job in jobs:
+    def _dedup(self, batch: Batch) -> None:
+        """Chunk ids the batch must store: neither indexed nor being stored by a round."""
+        for job in batch.jobs:
             for piece in job.pieces:
-                if piece.chunk_id not in new and self.chunks.get(piece.chunk_id) is None:
-                    new[piece.chunk_id] = piece.data
-        return new
+                cid = piece.chunk_id
+                if cid in batch.new_ids or cid in self._inflight_new:
+                    continue
+                if self.chunks.get(cid) is None:
+                    batch.new_ids.add(cid)
+        self._inflight_new |= batch.new_ids
 
-    def _encode(self, new: dict[bytes, bytes | memoryview]) -> list[Encoded]:
-        """Worker thread: each new chunk's frame (as parts), plaintext length and codec."""
-        out = []
-        for chunk_id, data in new.items():
-            parts, codec = frame.encode_parts(chunk_id, data, self.policy.zstd_level)
-            out.append(Encoded(chunk_id, parts, sum(len(p) for p in parts), len(data), codec))
-        return out
+    def _finish(self, batch: Batch) -> None:
+        """The round is over (installed or failed): its ranges, chunk ids and watches go,
+        and its arena is handed to the next round."""
+        for job in batch.jobs:
+            taken = self._inflight.get(job.ino)
+            if taken is not None:
+                for start, end, _ in job.ranges:
+                    taken.remove(start, end)
+                if not taken:
+                    del self._inflight[job.ino]
+            self.staging.unwatch(job.ino, job.touched)
+        self._inflight_new -= batch.new_ids
+        batch.drop_data()
+        self._arenas.give(batch.arena)
 
     async def _append(self, frames: list[Encoded]) -> list[Placed]:
         if not frames:
@@ -354,10 +454,14 @@ class Sealer:
                 sealed += self._install_job(tx, job)
             for p in placed:
                 self.chunks.drop_unused(tx, p.chunk_id)
+        merged: dict[int, RangeSet] = {}
         for ino, start, end in sealed:
-            self.staging.unstage(ino, start, end)
-            self.staging.defer_punch(self.store.commits, ino, start, end)
-            self.sealed_bytes += end - start
+            merged.setdefault(ino, RangeSet()).add(start, end)
+        for ino, ranges in merged.items():
+            for start, end in ranges.as_list():
+                self.staging.unstage(ino, start, end)
+                self.staging.defer_punch(self.store.commits, ino, start, end)
+                self.sealed_bytes += end - start
 
     def _install_job(self, tx: object, job: Job) -> list[tuple[int, int, int]]:
         """Extents for the job's untouched pieces; returns the (ino, start, end) sealed."""
@@ -365,7 +469,7 @@ class Sealer:
         inode = self.store.get_inode(job.ino, tx)
         if inode is None:
             return sealed
-        touched = self.staging.touched.get(job.ino, RangeSet())
+        touched = job.touched
         for piece in job.pieces:
             if not piece.chunk_id or self.chunks.get(piece.chunk_id, tx) is None:
                 continue
@@ -405,16 +509,3 @@ class Sealer:
         """Punch dead frames and delete empty segments (worker thread, or at unmount)."""
         for f in frees:
             self.hot.give_back(f.seg, f.offset, f.length)
-
-
-def _pread_all(fd: int, offset: int, size: int) -> bytearray:
-    """`size` bytes at `offset` read into one buffer (zeros past the end of the file)."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    done = 0
-    while done < size:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return buf

@@ -43,9 +43,10 @@ class Staging:
         self.unsynced_dirs: set[Path] = set()
         self.unsynced_files: set[int] = set()
         self.dirty_since: dict[int, float] = {}
-        self.touched: dict[int, RangeSet] = {}
+        self.touched: dict[int, list[RangeSet]] = {}
         self._deferred: dict[int, list[tuple[int, int, int]]] = {}
         self.generation: dict[int, int] = {}
+        self.streams: dict[int, tuple[int, int]] = {}
 
     def path(self, ino: int, generation: int | None = None) -> Path:
         return Path(self.path_str(ino, generation))
@@ -71,6 +72,7 @@ class Staging:
             self._users[ino] = users
             return
         del self._users[ino]
+        self.streams.pop(ino, None)
         fd = self._fds.pop(ino, None)
         if fd is not None:
             os.close(fd)
@@ -112,8 +114,15 @@ class Staging:
         self._check_space(len(data))
         written = os.pwrite(fd, data, offset)
         self._mark(ino, offset, offset + written)
+        self._follow_stream(ino, offset, offset + written)
         self.unsynced_files.add(ino)
         return written
+
+    def _follow_stream(self, ino: int, start: int, end: int) -> None:
+        """Track each open file's current run of back-to-back writes: the sealer seals a
+        long run behind its writer instead of waiting for the close."""
+        run = self.streams.get(ino)
+        self.streams[ino] = (run[0] if run is not None and run[1] == start else start, end)
 
     def write_unmarked(self, ino: int, offset: int, data: bytes) -> None:
         """Write bytes that are not staged yet (compaction marks them once durable)."""
@@ -155,11 +164,27 @@ class Staging:
         ranges.truncate(size)
         if not ranges:
             self.dirty_since.pop(ino, None)
-        touched = self.touched.get(ino)
-        if touched is not None:
-            touched.add(size, 1 << 63)
+        self._touch(ino, size, 1 << 63)
         self.changed.add(ino)
         self.unsynced_files.add(ino)
+
+    def watch(self, ino: int) -> RangeSet:
+        """Record from now on which bytes of `ino` change (the sealer's rounds in flight use
+        this not to install chunks of bytes that were rewritten under them)."""
+        touched = RangeSet()
+        self.touched.setdefault(ino, []).append(touched)
+        return touched
+
+    def unwatch(self, ino: int, touched: RangeSet) -> None:
+        watchers = [w for w in self.touched.get(ino, ()) if w is not touched]
+        if watchers:
+            self.touched[ino] = watchers
+        else:
+            self.touched.pop(ino, None)
+
+    def _touch(self, ino: int, start: int, end: int) -> None:
+        for touched in self.touched.get(ino, ()):
+            touched.add(start, end)
 
     def _mark(self, ino: int, start: int, end: int) -> None:
         ranges = self.ranges.get(ino)
@@ -169,9 +194,7 @@ class Staging:
         self.changed.add(ino)
         if ino not in self.dirty_since:
             self.dirty_since[ino] = time.monotonic()
-        touched = self.touched.get(ino)
-        if touched is not None:
-            touched.add(start, end)
+        self._touch(ino, start, end)
         if ino in self._deferred:
             self._cancel_punches(ino, start, end)
 
@@ -232,8 +255,11 @@ class Staging:
         written since belong to a later state: punching them before *that* is durable
         would lose them (e.g. fsynced, then sealed again, then killed before the commit).
         """
+        items = self._deferred[ino]
+        if not any(b >= 0 and a < end and b > start for _, a, b in items):
+            return
         kept = []
-        for commit, a, b in self._deferred[ino]:
+        for commit, a, b in items:
             if b < 0 or b <= start or a >= end:
                 kept.append((commit, a, b))
                 continue
@@ -353,9 +379,8 @@ class Staging:
         self._deferred.setdefault(ino, []).append((commit, generation, _REMOVE_FILE))
         self.ranges.pop(ino, None)
         self.dirty_since.pop(ino, None)
-        touched = self.touched.get(ino)
-        if touched is not None:
-            touched.add(0, 1 << 63)
+        self.streams.pop(ino, None)
+        self._touch(ino, 0, 1 << 63)
         self.changed.add(ino)
         self.unsynced_files.discard(ino)
 
