@@ -235,3 +235,7 @@ def cleanup_mount(m: Mount) -> None:
         pid = m.daemon_pid()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# The session-wide S3 server fixture (SeaweedFS).
+pytest_plugins = ["tests.s3server"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tierfs.errors import ExitCode, TierfsError
+from tierfs.upstream.objectstore import CHECKSUM_MODES, S3_SINGLE_PUT_LIMIT_MB, StoreSettings
 
 CONFIG_NAME = "tierfs.toml"
 CONFIG_FORMAT_VERSION = 1
@@ -196,6 +197,93 @@ SETTINGS: tuple[Setting, ...] = (
         1,
     ),
     Setting(
+        "regional",
+        "url",
+        str,
+        "",
+        "Where the regional tier keeps its objects: file:///absolute/path or\n"
+        "# s3://bucket/prefix. Empty: no regional tier.",
+    ),
+    Setting(
+        "regional",
+        "endpoint",
+        str,
+        "",
+        "S3 endpoint URL, e.g. http://10.0.0.5:8333 for an S3-compatible server; empty: AWS.",
+    ),
+    Setting(
+        "regional",
+        "region",
+        str,
+        "",
+        "S3 region; empty: from the AWS environment or profile (us-east-1 if none).",
+    ),
+    Setting(
+        "regional",
+        "access_key_id",
+        str,
+        "",
+        "S3 access key. Empty (with secret_access_key): the standard AWS credential chain\n"
+        "# (AWS_* environment variables, ~/.aws profiles, instance role).",
+    ),
+    Setting(
+        "regional",
+        "secret_access_key",
+        str,
+        "",
+        "S3 secret key, set together with access_key_id (then keep this file mode 0600).",
+    ),
+    Setting(
+        "regional",
+        "profile",
+        str,
+        "",
+        "AWS profile (~/.aws/config, ~/.aws/credentials) for credentials and region, instead\n"
+        "# of keys here; empty: the default chain.",
+    ),
+    Setting(
+        "regional",
+        "checksum_mode",
+        str,
+        "when_supported",
+        '"when_supported" (boto3\'s default: checksums on every upload and download) or\n'
+        '# "when_required" (only where S3 demands them), for older servers that reject them.',
+    ),
+    Setting(
+        "regional",
+        "max_connections",
+        int,
+        10,
+        "Connections to the S3 store, and so the most requests in flight at once.",
+        1,
+    ),
+    Setting(
+        "regional",
+        "max_object_mb",
+        int,
+        64,
+        "Largest object in MiB. Every object is written with one PUT (never multipart);\n"
+        f"# bigger ones are refused. At most {S3_SINGLE_PUT_LIMIT_MB} (the S3 limit of one PUT).",
+        1,
+    ),
+    Setting(
+        "regional",
+        "retries",
+        int,
+        4,
+        "Retries of a failed request (throttling, server or connection errors), with\n"
+        "# exponential backoff and jitter; then the work waits for the next attempt.",
+        0,
+    ),
+    Setting(
+        "regional",
+        "timeout",
+        float,
+        30.0,
+        "Seconds to wait for a connection, or for the next data of an answer, before a retry.",
+        0.1,
+    ),
+    Setting(
         "log",
         "level",
         str,
@@ -306,7 +394,17 @@ def parse(raw: dict[str, Any], where: str) -> Config:
             if setting is None:
                 raise TierfsError(f"{where}: unknown setting {section}.{key}", ExitCode.CONFIG)
             values[(section, key)] = _validate(setting, value, where)
-    return Config(values)
+    config = Config(values)
+    _check_regional(config, where)
+    return config
+
+
+def _check_regional(config: Config, where: str) -> None:
+    """The `[regional]` rules that span keys (keys set together, keys or a profile)."""
+    try:
+        StoreSettings.from_config(config)
+    except TierfsError as exc:
+        raise TierfsError(f"{where}: {exc.message}", ExitCode.CONFIG) from None
 
 
 def _validate(setting: Setting, value: Any, where: str) -> Any:
@@ -323,6 +421,15 @@ def _validate(setting: Setting, value: Any, where: str) -> Any:
         raise TierfsError(f"{where}: log.level must be one of {_LOG_LEVELS}", ExitCode.CONFIG)
     if name == "mount.atime" and value not in _ATIME_POLICIES:
         raise TierfsError(f"{where}: mount.atime must be one of {_ATIME_POLICIES}", ExitCode.CONFIG)
+    if name == "regional.checksum_mode" and value not in CHECKSUM_MODES:
+        raise TierfsError(f"{where}: {name} must be one of {CHECKSUM_MODES}", ExitCode.CONFIG)
+    if name == "regional.max_object_mb" and value > S3_SINGLE_PUT_LIMIT_MB:
+        raise TierfsError(f"{where}: {name} must be <= {S3_SINGLE_PUT_LIMIT_MB}", ExitCode.CONFIG)
+    if name == "regional.url" and value and not value.startswith(("file:///", "s3://")):
+        raise TierfsError(
+            f"{where}: {name} must be file:///absolute/path or s3://bucket/prefix",
+            ExitCode.CONFIG,
+        )
     if name == "site.name" and (not value or "/" in value):
         raise TierfsError(f"{where}: site.name must be a non-empty name", ExitCode.CONFIG)
     return value
