@@ -56,6 +56,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "mount",
+        "read_ahead_kb",
+        int,
+        1024,
+        "Kernel read-ahead of the mount in KiB (the FUSE default is 128): larger reads cost\n"
+        "# fewer requests. Set when mounting as root; 0 keeps the kernel's default.",
+        0,
+    ),
+    Setting(
+        "mount",
         "atime",
         str,
         "relatime",

@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from tierfs import config as config_mod
-from tierfs import control, status
+from tierfs import control, osutil, status
 from tierfs.crashpoints import crash_point
 from tierfs.data import domain as domain_mod
 from tierfs.data.cache import ChunkCache
@@ -33,7 +33,7 @@ from tierfs.data.compactor import Compactor
 from tierfs.data.extents import ExtentMap
 from tierfs.data.reader import FileReader
 from tierfs.data.sealer import Sealer, SealPolicy
-from tierfs.datadir import FSTYPE, DataDir, MountLock
+from tierfs.datadir import FSTYPE, DataDir, MountLock, mount_device
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.namespace import Namespace
@@ -42,7 +42,6 @@ from tierfs.fs.recovery import mark_clean, recover
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
-from tierfs.osutil import tune_malloc
 from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
@@ -120,6 +119,17 @@ def setup_logging(data_dir: DataDir, level: str, to_stderr: bool, site: str) -> 
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(fmt)
         root.addHandler(stream)
+
+
+def tune_read_ahead(mountpoint: Path, kib: int) -> None:
+    """Apply `mount.read_ahead_kb`; without the rights to (not root) the mount keeps the
+    kernel's default, which is slower for large sequential reads but correct."""
+    if not kib:
+        return
+    try:
+        osutil.set_read_ahead(mount_device(mountpoint), kib)
+    except OSError as exc:
+        log.info("read-ahead stays at the kernel's default: %s", exc)
 
 
 def fuse_options(data_dir: DataDir, config: config_mod.Config, extra: list[str]) -> set[str]:
@@ -217,15 +227,15 @@ def _check_domain(store: MetaStore, domain: domain_mod.Domain) -> None:
 
 def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: bool) -> None:
     """Mount and serve until unmounted or signalled. Raises TierfsError before ready."""
-    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
-    tune_malloc()
+    ready = ReadyPipe(int(os.environ.pop(READY_FD_ENV, "-1")))
+    osutil.tune_malloc()
     lock = MountLock(data_dir)
     mounted = False
     daemon: Daemon | None = None
     try:
         lock.acquire()
         config = config_mod.load(data_dir.root)
-        to_stderr = foreground and ready_fd < 0
+        to_stderr = foreground and not ready.waiting
         setup_logging(data_dir, config.get("log", "level"), to_stderr, config.site)
         _check_mountpoint(mountpoint)
         opts = fuse_options(data_dir, config, options)
@@ -240,27 +250,22 @@ def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: boo
         mounted = True
         data_dir.pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s at %s (options %s)", data_dir.root, mountpoint, ",".join(sorted(opts)))
-        trio.run(_serve, daemon, ready_fd)
+        trio.run(_serve, daemon, ready)
     except TierfsError as exc:
         log.error("mount failed: %s", exc.message)
-        if ready_fd >= 0:
-            _report(ready_fd, f"ERR {int(exc.exit_code)} {exc.message}")
-            ready_fd = -1
+        ready.report(f"ERR {int(exc.exit_code)} {exc.message}")
         raise
     except Exception as exc:
         log.exception("daemon failed")
-        if ready_fd >= 0:
-            _report(ready_fd, f"ERR {int(ExitCode.INTERNAL)} internal error: {exc!r}")
-            ready_fd = -1
+        ready.report(f"ERR {int(ExitCode.INTERNAL)} internal error: {exc!r}")
         raise
     finally:
-        if ready_fd >= 0:
-            os.close(ready_fd)
+        ready.close()
         _shutdown(daemon, mounted)
         lock.release()
 
 
-async def _serve(daemon: Daemon, ready_fd: int) -> None:
+async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(
             control.serve,
@@ -278,12 +283,23 @@ async def _serve(daemon: Daemon, ready_fd: int) -> None:
         nursery.start_soon(daemon.compactor.run)
         daemon.reader.prefetch = nursery
         nursery.start_soon(_signals)
-        if ready_fd >= 0:
-            _report(ready_fd, "OK")
-            os.close(ready_fd)
-        _notify_systemd("READY=1")
+        nursery.start_soon(_when_serving, daemon, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _when_serving(daemon: Daemon, ready: ReadyPipe) -> None:
+    """Once the kernel has the daemon's INIT answer: tune read-ahead, then report ready.
+
+    A stat of the mount point from a worker thread returns only after the loop has
+    answered INIT; the kernel sets the mount's read-ahead while processing that answer, so
+    tuning it any earlier would be undone.
+    """
+    with contextlib.suppress(OSError):
+        await trio.to_thread.run_sync(os.stat, daemon.mountpoint)
+    tune_read_ahead(daemon.mountpoint, daemon.config.get("mount", "read_ahead_kb"))
+    ready.report("OK")
+    _notify_systemd("READY=1")
 
 
 async def _signals() -> None:
@@ -348,9 +364,31 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise TierfsError(f"{mountpoint}: something is already mounted there", ExitCode.BUSY)
 
 
-def _report(fd: int, line: str) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, line.encode() + b"\n")
+class ReadyPipe:
+    """The pipe on which `tierfs mount` waits for one line: "OK" or "ERR CODE MESSAGE".
+
+    The first report closes it, so that nothing is ever written or closed twice (the fd
+    number may belong to another file by then).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @property
+    def waiting(self) -> bool:
+        return self.fd >= 0
+
+    def report(self, line: str) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.fd, line.encode() + b"\n")
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def _notify_systemd(state: str) -> None:

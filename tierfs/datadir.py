@@ -144,6 +144,23 @@ def unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mount_device(mountpoint: Path) -> str:
+    """The MAJOR:MINOR of the filesystem mounted at `mountpoint`, from /proc/self/mountinfo.
+
+    A FUSE daemon must not stat() its own mount point before it serves requests: the
+    kernel would ask the daemon, which would be waiting for itself.
+    """
+    target = os.path.abspath(mountpoint)
+    device = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if unescape_mountinfo(fields[4]) == target:
+            device = fields[2]  # the last mount on a path is the visible one
+    if device is None:
+        raise OSError(errno.ENOENT, f"{target} is not a mount point")
+    return device
+
+
 def tierfs_mounts() -> dict[Path, Path]:
     """Mount point -> data directory, for every tierfs mount this process can see."""
     mounts: dict[Path, Path] = {}

@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     MOUNT_FAILED = 9
     IO = 10
     TIMEOUT = 11
+    VERIFY_FAILED = 12
     INTERNAL = 70
     INTERRUPTED = 130
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from tierfs import __version__
-from tierfs.cli import flush, fsck, mkfs, mount, status
+from tierfs.cli import flush, fsck, key, mkfs, mount, status
 from tierfs.errors import ExitCode, TierfsError
 
 
@@ -53,6 +53,7 @@ cli.add_command(mount.umount)
 cli.add_command(status.status)
 cli.add_command(fsck.fsck)
 cli.add_command(flush.flush)
+cli.add_command(key.key)
 
 
 def main() -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 import click
 
 from tierfs import config
+from tierfs.cli.key import domain_for_mkfs, passphrase_file_option
 from tierfs.data import domain as domain_mod
 from tierfs.datadir import DataDir, is_locked
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
+from tierfs.snap import keys
 
 
 @click.command()
@@ -23,26 +25,43 @@ from tierfs.meta.store import MetaStore
     "--domain",
     "domain_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Join the dedup domain of this domain file (copied from another site).",
+    help="Join the dedup domain of this bundle ('tierfs key export --domain-only') or domain "
+    "file (then with --domain-key) from another site.",
 )
+@click.option(
+    "--domain-key",
+    "domain_key_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --domain DOMAIN_FILE: the domain signing key (keys/domain.key of a site of it).",
+)
+@passphrase_file_option
 @click.option("--force", is_flag=True, help="Replace an existing filesystem (its data is lost).")
-def mkfs(data_dir: Path, site: str | None, domain_file: Path | None, force: bool) -> None:
+def mkfs(
+    data_dir: Path,
+    site: str | None,
+    domain_file: Path | None,
+    domain_key_file: Path | None,
+    passphrase_file: Path | None,
+    force: bool,
+) -> None:
     """Create a tierfs filesystem in DATA_DIR.
 
     Writes tierfs.toml (every setting, commented, with its default), the dedup domain file
     (a new domain, unless --domain names an existing one so that sites deduplicate against
-    each other) and an empty metadata index. Refuses to touch an existing filesystem unless
-    --force is given.
+    each other), the keys (a new site key, certified by the domain signing key) and an empty
+    metadata index. Refuses to touch an existing filesystem unless --force is given.
 
     \b
     Examples:
       tierfs mkfs /var/lib/tierfs --site store-042
-      tierfs mkfs /var/lib/tierfs --site store-043 --domain /root/acme-domain.json
+      tierfs mkfs /var/lib/tierfs --site store-043 --domain /root/acme-domain.bundle
+      tierfs mkfs /var/lib/tierfs --site store-044 --domain acme.json --domain-key acme.key
     """
     dd = DataDir(data_dir.absolute())
     if site is not None:
         config.parse({"site": {"name": site}}, "--site")
-    domain = domain_mod.load(domain_file) if domain_file else None
+    joined = domain_for_mkfs(domain_file, domain_key_file, passphrase_file)
+    domain, domain_keys = joined if joined else (None, None)
     if dd.is_filesystem():
         if not force:
             raise TierfsError(
@@ -57,6 +76,7 @@ def mkfs(data_dir: Path, site: str | None, domain_file: Path | None, force: bool
         raise TierfsError(f"{dd.root}: exists and is not a directory", ExitCode.NOT_A_FILESYSTEM)
     cfg = config.defaults(site)
     domain = domain or domain_mod.generate(cfg.site)
+    domain_keys = domain_keys or keys.generate_domain_keys(domain.domain_id)
     try:
         dd.root.mkdir(parents=True, exist_ok=True)
         dd.make_layout()
@@ -66,6 +86,8 @@ def mkfs(data_dir: Path, site: str | None, domain_file: Path | None, force: bool
             tx.put(schema.K_DOMAIN_ID, domain.domain_id.encode(), db=store.meta)
         info = store.info()
         store.close()
+        keys.write_domain_keys(dd.root, domain_keys)
+        site_keys = keys.create_site_keys(dd.root, cfg.site, info["uuid"], domain_keys)
         config.write(dd.root, cfg)
         _sync_dirs(dd)
     except OSError as exc:
@@ -76,11 +98,16 @@ def mkfs(data_dir: Path, site: str | None, domain_file: Path | None, force: bool
         f"created tierfs filesystem {info['uuid']} for site {cfg.site!r} in {dd.root} "
         f"(dedup domain {domain.name!r} {domain.domain_id})"
     )
+    click.echo(
+        f"site key {site_keys.fingerprint} certified by domain key {domain_keys.fingerprint}; "
+        f"keep a recovery bundle off-site: tierfs key export {dd.root} FILE"
+    )
 
 
 def _sync_dirs(dd: DataDir) -> None:
     """Make the new directory entries durable, so a power cut after mkfs loses nothing."""
-    for d in (dd.meta, dd.staging, dd.hot, dd.run, dd.log_dir, dd.root, dd.root.parent):
+    keys_dir = keys.keys_dir(dd.root)
+    for d in (dd.meta, dd.staging, dd.hot, dd.run, dd.log_dir, keys_dir, dd.root, dd.root.parent):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

@@ -1,4 +1,7 @@
-"""A bounded in-memory cache of decompressed chunks (least recently used goes first)."""
+"""A bounded in-memory cache of decompressed chunks (least recently used goes first).
+
+Entries are plaintext `bytes`, or views of a raw frame's payload (read-only, so never
+changed under a reader)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ class ChunkCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, chunk_id: bytes) -> bytes | None:
+    def get(self, chunk_id: bytes) -> bytes | memoryview | None:
         data = self._items.get(chunk_id)
         if data is None:
             self.misses += 1
@@ -25,7 +28,7 @@ class ChunkCache:
     def contains(self, chunk_id: bytes) -> bool:
         return chunk_id in self._items
 
-    def put(self, chunk_id: bytes, data: bytes) -> None:
+    def put(self, chunk_id: bytes, data: bytes | memoryview) -> None:
         if len(data) > self.max_bytes or chunk_id in self._items:
             return
         self._items[chunk_id] = data

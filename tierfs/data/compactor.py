@@ -82,8 +82,8 @@ class Compactor:
         self.compacted += 1
         log.info("inode %d: compacting %d extents (%d bytes restaged)", ino, len(extents), copied)
 
-    async def _load(self, ino: int, extents: list[Extent]) -> dict[bytes, bytes]:
-        out: dict[bytes, bytes] = {}
+    async def _load(self, ino: int, extents: list[Extent]) -> dict[bytes, bytes | memoryview]:
+        out: dict[bytes, bytes | memoryview] = {}
         for ext in extents:
             if ext.chunk_id in out:
                 continue
@@ -100,7 +100,7 @@ class Compactor:
         return set(self.sealer.extents.overlapping(ino, 0, 1 << 63))
 
     def _copy(
-        self, ino: int, extents: list[Extent], plaintexts: dict[bytes, bytes]
+        self, ino: int, extents: list[Extent], plaintexts: dict[bytes, bytes | memoryview]
     ) -> list[Extent]:
         """Write still-current, unstaged extents' bytes into the staging file (no await)."""
         current = self._current(ino)

@@ -126,20 +126,24 @@ def parse_header(frame: bytes | memoryview) -> FrameInfo:
     return FrameInfo(bytes(chunk_id), codec, raw_len, payload_len)
 
 
-def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes:
-    """Check a whole frame and return the plaintext (worker thread)."""
+def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes | memoryview:
+    """Check a whole frame and return the plaintext (worker thread).
+
+    A raw payload comes back as a view of `frame`, not a copy: frames are read into
+    immutable `bytes`, and a copy of every chunk read cost more than checking it."""
     info = parse_header(frame)
     if len(frame) != info.frame_len:
         raise FrameError(f"frame length {len(frame)}, header says {info.frame_len}")
     if expected_id is not None and info.chunk_id != expected_id:
         raise FrameError("frame holds another chunk")
     digest = xxhash.xxh3_64(frame[: HEADER.size])
-    payload = frame[HEADER_SIZE:]
+    payload = memoryview(frame)[HEADER_SIZE:]
     digest.update(payload)
     if digest.digest() != bytes(frame[HEADER.size : HEADER_SIZE]):
         raise FrameError("frame checksum mismatch")
+    data: bytes | memoryview
     if info.codec == CODEC_RAW:
-        data = bytes(payload)
+        data = payload if isinstance(frame, bytes) else bytes(payload)
     else:
         try:
             data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=info.raw_len)

@@ -24,7 +24,9 @@ from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
 
-PREFETCH_BYTES = 1 << 20
+PREFETCH_MIN = 1 << 20
+PREFETCH_MAX = 8 << 20
+LOADS_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,15 @@ class FileReader:
         self._loading: dict[bytes, trio.Event] = {}
         self._prefetching: set[bytes] = set()
         self._last_end: dict[int, int] = {}
+        self._window: dict[int, tuple[int, int]] = {}  # ino -> (window, prefetched up to)
+        self._load_limiter = trio.CapacityLimiter(LOADS_IN_FLIGHT)
         self.prefetch: trio.Nursery | None = None
         self.checksum_errors = 0
         self.io_errors = 0
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
+        """The bytes of [offset, offset+size); a bytearray is handed to pyfuse3 as it is,
+        which takes any buffer, instead of copying it once more into bytes."""
         inode = self.ns.inode(ino)
         if offset >= inode.size or size <= 0:
             return b""
@@ -73,22 +79,35 @@ class FileReader:
         sequential = self._last_end.get(ino) == offset
         self._last_end[ino] = offset + size
         if len(self._last_end) > 4096:
+            self._window.pop(next(iter(self._last_end)), None)
             self._last_end.pop(next(iter(self._last_end)))
+        if not sequential:
+            self._window.pop(ino, None)
         if pieces:
             if sequential:
                 self._prefetch_after(ino, offset + size, inode.size)
             await self._fill(ino, buf, pieces)
         self.ns.touch_atime(ino)
-        return bytes(buf)
+        return buf
 
     def _prefetch_after(self, ino: int, end: int, file_size: int) -> None:
         """Start loading the chunks just past a sequential read, so that the reader finds
         them in the cache instead of waiting for a load per chunk (the kernel asks for
         128 KiB at a time, a chunk is about 300 KiB). Only for reads that began where the
-        previous read of the file ended: random readers would pay for chunks never used."""
+        previous read of the file ended: random readers would pay for chunks never used.
+
+        The window starts at PREFETCH_MIN and doubles with each sequential read that
+        needed a chunk, up to PREFETCH_MAX, so that several loads keep the disk busy while
+        the reader consumes; only the part not yet scheduled is looked up."""
         if self.prefetch is None or end >= file_size:
             return
-        for ext in self.extents.overlapping(ino, end, min(file_size, end + PREFETCH_BYTES)):
+        window, done = self._window.get(ino, (PREFETCH_MIN // 2, end))
+        window = min(window * 2, PREFETCH_MAX)
+        start, stop = max(end, done), min(file_size, end + window)
+        self._window[ino] = (window, max(done, stop))
+        if start >= stop:
+            return
+        for ext in self.extents.overlapping(ino, start, stop):
             if ext.chunk_id in self._loading or ext.chunk_id in self._prefetching:
                 continue
             if self.cache.contains(ext.chunk_id):
@@ -157,10 +176,10 @@ class FileReader:
             for p in pieces:
                 pins.enter_context(self.chunks.pin(p.seg, p.frame_off))
             for p in pieces:
-                data = await self.chunk_data(ino, p)
+                data = memoryview(await self.chunk_data(ino, p))
                 buf[p.buf_off : p.buf_off + p.length] = data[p.chunk_off : p.chunk_off + p.length]
 
-    async def chunk_data(self, ino: int, p: ChunkPiece) -> bytes:
+    async def chunk_data(self, ino: int, p: ChunkPiece) -> bytes | memoryview:
         """A chunk's plaintext from the cache, or loaded once however many readers wait."""
         while True:
             data = self.cache.get(p.chunk_id)
@@ -172,7 +191,7 @@ class FileReader:
             await pending.wait()
         event = self._loading[p.chunk_id] = trio.Event()
         try:
-            data = await trio.to_thread.run_sync(self._load, p, limiter=self.cpu_limiter)
+            data = await trio.to_thread.run_sync(self._load, p, limiter=self._load_limiter)
         except frame.FrameError as exc:
             self.checksum_errors += 1
             log.error("inode %d: chunk %s failed its check: %s", ino, p.chunk_id.hex()[:16], exc)
@@ -187,6 +206,6 @@ class FileReader:
         self.cache.put(p.chunk_id, data)
         return data
 
-    def _load(self, p: ChunkPiece) -> bytes:
+    def _load(self, p: ChunkPiece) -> bytes | memoryview:
         raw = self.hot.read(p.seg, p.frame_off, p.frame_len)
         return frame.decode(raw, p.chunk_id)

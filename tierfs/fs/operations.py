@@ -267,7 +267,7 @@ class TierfsOperations(pyfuse3.Operations):
         return self._new_handle(inode.ino, flags), self.attrs(inode)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self.reader.read(self.handles[fh].ino, off, size)
 
     @fuse_errors

@@ -124,7 +124,7 @@ class Staging:
         run = self.streams.get(ino)
         self.streams[ino] = (run[0] if run is not None and run[1] == start else start, end)
 
-    def write_unmarked(self, ino: int, offset: int, data: bytes) -> None:
+    def write_unmarked(self, ino: int, offset: int, data: bytes | memoryview) -> None:
         """Write bytes that are not staged yet (compaction marks them once durable)."""
         fd = self._write_fd(ino)
         self._check_space(len(data))

@@ -8,7 +8,8 @@ faster than this on the same machine, so its figures are judged against it.
 To compare like with like it mounts with tierfs's own FUSE options (built by
 `tierfs.daemon.fuse_options`, only the subtype differs so `tierfs umount` never mistakes it for
 a tierfs) and answers with tierfs's attribute and entry timeouts; like tierfs it leaves the
-writeback cache off and does not ask the kernel to keep the page cache across opens.
+writeback cache off and does not ask the kernel to keep the page cache across opens, and it
+sets the mount's kernel read-ahead to tierfs's default `mount.read_ahead_kb`.
 
 It is a benchmark instrument, not a general passthrough: inode numbers are its own and hard
 links get one inode per path. It passes extended attributes through, as tierfs must support
@@ -34,7 +35,7 @@ import pyfuse3
 import trio
 
 from tierfs import config as tierfs_config
-from tierfs.daemon import fuse_options
+from tierfs.daemon import fuse_options, tune_read_ahead
 from tierfs.datadir import DataDir
 
 log = logging.getLogger(__name__)
@@ -470,12 +471,19 @@ class Passthrough(pyfuse3.Operations):
         return out
 
 
-async def _serve() -> None:
+async def _serve(mountpoint: Path) -> None:
     """Serve until unmounted; SIGTERM/SIGINT end the session like an unmount would."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(_tune_read_ahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_read_ahead(mountpoint: Path) -> None:
+    """tierfs's read-ahead, set as tierfs sets it: once the kernel has our INIT answer."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    tune_read_ahead(mountpoint, tierfs_config.defaults("bench").get("mount", "read_ahead_kb"))
 
 
 async def _terminate_on_signal() -> None:
@@ -492,7 +500,7 @@ def serve(source: Path, mountpoint: Path) -> None:
     pyfuse3.init(ops, str(mountpoint), options)
     log.info("mounted %s at %s (options %s)", source, mountpoint, ",".join(sorted(options)))
     try:
-        trio.run(_serve)
+        trio.run(_serve, mountpoint)
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
