@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FUSE_REASON, Mount, cleanup_mount, configure, fuse_available
+from tests.conftest import (
+    FUSE_REASON,
+    Mount,
+    cleanup_mount,
+    configure,
+    fuse_available,
+    run_cli,
+)
 from tests.powerloss.rig import (
+    COLD_SMALL_DEVICE,
     LOOP_ITERATIONS,
     POINT_SETTINGS,
     RANDOM_SETTINGS,
@@ -40,9 +48,11 @@ def _rig(tmp_path: Path, data: Path, settings: dict[str, object]) -> Iterator[Ri
 
 
 @pytest.fixture
-def rig(tmp_path: Path, data_dir: Path) -> Iterator[Rig]:
-    """A mounted tierfs that commits only on fsync and unmount."""
-    yield from _rig(tmp_path, data_dir, POINT_SETTINGS)
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    """A mounted tierfs that commits only on fsync and unmount, with a small zone device."""
+    data = tmp_path / "data"
+    run_cli("mkfs", data, "--site", "test-site", "--zone-device", COLD_SMALL_DEVICE)
+    yield from _rig(tmp_path, data, POINT_SETTINGS)
 
 
 @pytest.fixture(params=sorted(RANDOM_SETTINGS))

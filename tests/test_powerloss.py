@@ -28,6 +28,7 @@ from tests.conftest import (
 from tests.powerloss.fuse import fallocate
 from tests.powerloss.process import LayerProcess
 from tests.powerloss.rig import (
+    COLD_SMALL_DEVICE,
     LOOP_ITERATIONS,
     POINT_SETTINGS,
     RANDOM_SETTINGS,
@@ -58,9 +59,11 @@ def layer(tmp_path: Path) -> Iterator[LayerProcess]:
             process.kill()
 
 
-def _rig(tmp_path: Path, layer: LayerProcess, settings: dict[str, object]) -> Iterator[Rig]:
+def _rig(
+    tmp_path: Path, layer: LayerProcess, settings: dict[str, object], *mkfs_args: str
+) -> Iterator[Rig]:
     data_on_disk = layer.disk / "data"
-    run_cli("mkfs", data_on_disk, "--site", "test-site")
+    run_cli("mkfs", data_on_disk, "--site", "test-site", *mkfs_args)
     configure(data_on_disk, **settings)
     layer.start()
     mnt = tmp_path / "mnt"
@@ -78,7 +81,7 @@ def rig(tmp_path: Path, layer: LayerProcess) -> Iterator[Rig]:
     """tierfs mounted on a data directory in the layer, committing only on fsync and unmount.
 
     mkfs ran before the layer started, so the empty filesystem is durable."""
-    yield from _rig(tmp_path, layer, POINT_SETTINGS)
+    yield from _rig(tmp_path, layer, POINT_SETTINGS, "--zone-device", COLD_SMALL_DEVICE)
 
 
 @pytest.fixture(params=sorted(RANDOM_SETTINGS))

@@ -293,6 +293,49 @@ SETTINGS: tuple[Setting, ...] = (
         0.1,
     ),
     Setting(
+        "cold",
+        "device",
+        str,
+        "",
+        "The zoned device of the cold tier: emulated:SIZE (a file under DATA_DIR/cold),\n"
+        "# zonefs:DIR or block:/dev/...; empty: no cold tier. Set by mkfs --zone-device.",
+    ),
+    Setting(
+        "cold",
+        "cold_after",
+        float,
+        86400.0,
+        "Seconds without a read or write after which a hot segment's chunks migrate to zones.",
+        0.0,
+    ),
+    Setting(
+        "cold",
+        "hot_high_pct",
+        int,
+        85,
+        "Above this share of the hot tier's room (hot.max_mb, else the data directory's\n"
+        "# size), the least recently used segments migrate...",
+        1,
+    ),
+    Setting("cold", "hot_low_pct", int, 70, "...down to this share.", 0),
+    Setting("cold", "batch_mb", int, 64, "Chunk data migrated per zone append.", 1),
+    Setting(
+        "cold",
+        "reserve_zones",
+        int,
+        2,
+        "Empty zones kept back for reclaim (relocating live records out of dirty zones).",
+        1,
+    ),
+    Setting(
+        "cold",
+        "min_garbage",
+        float,
+        0.25,
+        "A zone is relocated only when at least this share of it is garbage.",
+        0.0,
+    ),
+    Setting(
         "log",
         "level",
         str,
@@ -405,7 +448,19 @@ def parse(raw: dict[str, Any], where: str) -> Config:
             values[(section, key)] = _validate(setting, value, where)
     config = Config(values)
     _check_regional(config, where)
+    _check_cold(config, where)
     return config
+
+
+def _check_cold(config: Config, where: str) -> None:
+    from tierfs.tiers.cold import devspec  # the zone backends are not needed to read a config
+
+    try:
+        devspec.parse(config.get("cold", "device"))
+    except TierfsError as exc:
+        raise TierfsError(f"{where}: cold.device: {exc.message}", ExitCode.CONFIG) from None
+    if config.get("cold", "hot_low_pct") > config.get("cold", "hot_high_pct"):
+        raise TierfsError(f"{where}: cold.hot_low_pct is above cold.hot_high_pct", ExitCode.CONFIG)
 
 
 def _check_regional(config: Config, where: str) -> None:

@@ -27,6 +27,9 @@ POINTS: dict[str, str] = {
     "seal-after-install": "a seal round's extents and chunks are in the group, not committed",
     "punch-before": "a seal is durable; its bytes are not yet punched out of staging",
     "compact-after-restage": "a fragmented file's bytes are back in staging, not yet resealed",
+    "cold-after-append": "a migration's zone records are flushed, their locations not committed",
+    "reclaim-after-relocate": "a victim's live records are copied and flushed, moves not committed",
+    "reclaim-before-reset": "nothing in a zone is live (moved or freed, durably), not yet reset",
 }
 
 _armed = os.environ.get(ENV)

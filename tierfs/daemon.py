@@ -10,6 +10,7 @@ process that has already set up trio or LMDB) and waits for the ready report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import logging.handlers
 import os
@@ -29,6 +30,7 @@ from tierfs.data import domain as domain_mod
 from tierfs.data.cache import ChunkCache
 from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex
+from tierfs.data.coldtier import ColdPolicy, ColdTier
 from tierfs.data.compactor import Compactor
 from tierfs.data.extents import ExtentMap
 from tierfs.data.reader import FileReader
@@ -42,6 +44,9 @@ from tierfs.fs.recovery import mark_clean, recover
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
+from tierfs.tiers.cold import devspec
+from tierfs.tiers.cold.errors import ColdFull
+from tierfs.tiers.cold.zones import Lifetime
 from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,7 @@ class Daemon:
     reader: FileReader
     sealer: Sealer
     compactor: Compactor
+    cold: ColdTier | None
 
     async def handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
         self.durability.commit()
@@ -87,6 +93,8 @@ class Daemon:
             },
         }
         doc = status.collect(self.data_dir, self.store, self.store.tx, True, extra)
+        if self.cold is not None:
+            doc["tiers"]["cold"] = self.cold.status()
         return {"status": doc}
 
     async def handle_sync(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +108,49 @@ class Daemon:
     async def handle_drop_cache(self, request: dict[str, Any]) -> dict[str, Any]:
         self.reader.cache.drop()
         return {}
+
+    async def handle_migrate(self, request: dict[str, Any]) -> dict[str, Any]:
+        cold = self._need_cold()
+        before = dataclasses.replace(cold.counters)
+        if request.get("now"):
+            await self.sealer.flush()
+        while True:
+            try:
+                if request.get("now"):
+                    await cold.migrate(None, Lifetime.LONG)
+                else:
+                    await cold.migrate(cold.due_segments(), Lifetime.LONG)
+                break
+            except ColdFull:
+                # Zones emptied by earlier migrations' frees may be reset once durable.
+                resets = cold.counters.zones_reset
+                await self.durability.sync(None)
+                await cold.reclaim()
+                if cold.counters.zones_reset == resets:
+                    raise
+        return {
+            "migrated_chunks": cold.counters.migrated_chunks - before.migrated_chunks,
+            "migrated_bytes": cold.counters.migrated_bytes - before.migrated_bytes,
+        }
+
+    async def handle_zones(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"zones": self._need_cold().zones_report()}
+
+    async def handle_reclaim(self, request: dict[str, Any]) -> dict[str, Any]:
+        cold = self._need_cold()
+        before = cold.counters.zones_reset
+        for _ in range(2):  # the second pass resets what the first one relocated
+            await self.durability.sync(None)
+            await cold.reclaim()
+        return {"zones_reset": cold.counters.zones_reset - before}
+
+    def _need_cold(self) -> ColdTier:
+        if self.cold is None:
+            raise TierfsError(
+                "this filesystem has no cold tier (cold.device is empty; see mkfs --zone-device)",
+                ExitCode.CONFIG,
+            )
+        return self.cold
 
     async def handle_ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint)}
@@ -167,8 +218,11 @@ def open_daemon(
     hot = HotStore(data_dir.hot, config.get("hot", "segment_mb") << 20)
     patterns = tuple(p.strip() for p in config.get("seal", "fixed_chunking_patterns").split(","))
     ns = Namespace(store, staging, extents, atime, tuple(p for p in patterns if p))
-    recover(ns, hot, chunks)
     io_limiter = trio.CapacityLimiter(4)
+    # Before recovery: deleting orphans frees chunks, and those in zones must leave the
+    # zones' live bytes (the cold tier's hook on the chunk index).
+    cold = _open_cold(data_dir, config, store, chunks, hot, io_limiter)
+    recover(ns, hot, chunks)
     cpu_limiter = trio.CapacityLimiter(2)
     durability = Durability(
         ns,
@@ -209,9 +263,49 @@ def open_daemon(
         config.get("mount", "entry_timeout"),
         config.get("staging", "reserve_mb") << 20,
     )
+    reader.cold = cold
     return Daemon(
-        data_dir, mountpoint, config, store, ns, durability, ops, hot, reader, sealer, compactor
+        data_dir,
+        mountpoint,
+        config,
+        store,
+        ns,
+        durability,
+        ops,
+        hot,
+        reader,
+        sealer,
+        compactor,
+        cold,
     )
+
+
+def _open_cold(
+    data_dir: DataDir,
+    config: config_mod.Config,
+    store: MetaStore,
+    chunks: ChunkIndex,
+    hot: HotStore,
+    io_limiter: trio.CapacityLimiter,
+) -> ColdTier | None:
+    spec = devspec.parse(config.get("cold", "device"))
+    if not spec.enabled:
+        return None
+    device = devspec.open_device(spec, data_dir.cold)
+    hot_max = config.get("hot", "max_mb") << 20
+    if not hot_max:
+        st = os.statvfs(data_dir.root)
+        hot_max = st.f_blocks * st.f_frsize
+    policy = ColdPolicy(
+        cold_after=config.get("cold", "cold_after"),
+        hot_high_pct=config.get("cold", "hot_high_pct"),
+        hot_low_pct=config.get("cold", "hot_low_pct"),
+        batch_bytes=config.get("cold", "batch_mb") << 20,
+        reserve_zones=config.get("cold", "reserve_zones"),
+        min_garbage=config.get("cold", "min_garbage"),
+        hot_room=hot_max,
+    )
+    return ColdTier(store, chunks, hot, device, policy, io_limiter)
 
 
 def _check_domain(store: MetaStore, domain: domain_mod.Domain) -> None:
@@ -275,12 +369,17 @@ async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
                 "sync": daemon.handle_sync,
                 "flush": daemon.handle_flush,
                 "drop_cache": daemon.handle_drop_cache,
+                "migrate": daemon.handle_migrate,
+                "zones": daemon.handle_zones,
+                "reclaim": daemon.handle_reclaim,
                 "ping": daemon.handle_ping,
             },
         )
         nursery.start_soon(daemon.durability.run)
         nursery.start_soon(daemon.sealer.run)
         nursery.start_soon(daemon.compactor.run)
+        if daemon.cold is not None:
+            nursery.start_soon(daemon.cold.run)
         daemon.reader.prefetch = nursery
         nursery.start_soon(_signals)
         nursery.start_soon(_when_serving, daemon, ready)
@@ -317,6 +416,8 @@ def _shutdown(daemon: Daemon | None, mounted: bool) -> None:
             _final_commit(daemon)
             daemon.ns.staging.close()
             daemon.hot.close()
+            if daemon.cold is not None:
+                daemon.cold.close()
             daemon.store.close()
         except Exception:
             log.exception("final commit failed; the next mount recovers")

@@ -52,6 +52,11 @@ class DataDir:
         return self.root / "hot"
 
     @property
+    def cold(self) -> Path:
+        """The emulated zone device (zones.img, zones.img.zones), when the cold tier uses one."""
+        return self.root / "cold"
+
+    @property
     def domain(self) -> Path:
         return self.root / "domain.json"
 

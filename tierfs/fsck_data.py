@@ -18,9 +18,18 @@ import struct
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from tierfs import config
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.meta import schema
-from tierfs.meta.records import TIER_HOT, ChunkRecord, SegmentRecord, decode_extent
+from tierfs.meta.records import (
+    TIER_HOT,
+    ChunkRecord,
+    SegmentRecord,
+    ZoneRecord,
+    decode_extent,
+)
+from tierfs.tiers.cold import devspec
+from tierfs.tiers.cold.record import record_len
 from tierfs.tiers.hot import HotStore
 
 if TYPE_CHECKING:
@@ -45,6 +54,7 @@ class DataChecker:
         self._check_extents()
         self._check_refcounts()
         self._check_segments()
+        self._check_zones()
         self._check_stats()
 
     def _load(self) -> None:
@@ -148,6 +158,47 @@ class DataChecker:
             ):
                 self.hot.cut_to(seg, self.segments[seg].end)
         self.hot.close()
+
+    def _check_zones(self) -> None:
+        """Each zone's live bytes in DB_ZONES must be what the chunk records point at."""
+        if self.store.zones is None:
+            return
+        live: Counter[int] = Counter()
+        cold = [(cid, r) for cid, r in self.chunks.items() if r.cold_location() is not None]
+        lba = self._zone_lba() if cold else 1
+        if lba is None:
+            self.c.result.add(
+                f"{len(cold)} chunks have a cold copy, but no cold tier is configured "
+                "(cold.device): their data cannot be read"
+            )
+            return
+        for _, record in cold:
+            where = record.cold_location()
+            assert where is not None
+            live[where[0]] += record_len(record.frame_len, lba)
+        recorded: dict[int, ZoneRecord] = {}
+        with self.tx.cursor(db=self.store.zones) as cur:
+            for key, value in cur:
+                recorded[schema.key_ino(bytes(key))] = ZoneRecord.decode(bytes(value))
+        for zone in sorted(set(live) | set(recorded)):
+            have = recorded.get(zone, ZoneRecord(0, 0))
+            if have.live_bytes != live[zone] and self.c._fix(
+                f"zone {zone}: {have.live_bytes} live bytes recorded, chunks say {live[zone]}",
+                "live bytes corrected",
+            ):
+                have.live_bytes = live[zone]
+                key = schema.ino_key(zone)
+                if live[zone]:
+                    self.tx.put(key, have.encode(), db=self.store.zones)
+                else:
+                    self.tx.delete(key, db=self.store.zones)
+
+    def _zone_lba(self) -> int | None:
+        data_dir = self.c.staging.root.parent
+        spec = devspec.parse(config.load(data_dir).get("cold", "device"))
+        if not spec.enabled:
+            return None
+        return devspec.lba_size(spec, data_dir / "cold")
 
     def _check_stats(self) -> None:
         raw = self.tx.get(schema.K_CHUNK_STATS, db=self.store.meta)

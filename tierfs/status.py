@@ -12,7 +12,7 @@ from typing import Any
 from tierfs import config
 from tierfs.data.chunkstore import ChunkIndex, ChunkStats
 from tierfs.datadir import DataDir
-from tierfs.meta.records import Inode, decode_ranges
+from tierfs.meta.records import Inode, ZoneRecord, decode_ranges
 from tierfs.meta.store import MetaStore
 
 STATUS_SCHEMA_VERSION = "1.0"
@@ -40,7 +40,9 @@ def collect(
     tiers: dict[str, dict[str, int]] = {t: {"bytes": 0} for t in TIERS}
     tiers["staging"] = {"bytes": _allocated(data_dir.staging), "staged_bytes": staged}
     stats = _chunk_stats(store, tx)
-    tiers["hot"] = {"bytes": _allocated(data_dir.hot), "stored_bytes": stats.stored_bytes}
+    hot_live = ChunkIndex(store).hot_live_bytes(tx)
+    tiers["cold"] = {"bytes": _cold_live(store, tx)}
+    tiers["hot"] = {"bytes": _allocated(data_dir.hot), "stored_bytes": hot_live}
     doc: dict[str, Any] = {
         "schema_version": STATUS_SCHEMA_VERSION,
         "site": config.load(data_dir.root).site,
@@ -125,3 +127,14 @@ def _human(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def _cold_live(store: MetaStore, tx: Any) -> int:
+    """Bytes of zone records that chunks point at (the daemon adds the zone details)."""
+    if store.zones is None:
+        return 0
+    total = 0
+    with tx.cursor(db=store.zones) as cur:
+        for _, value in cur:
+            total += ZoneRecord.decode(bytes(value)).live_bytes
+    return total

@@ -31,6 +31,7 @@ R = TypeVar("R")
 DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
 KiB = 1024
+MiB = 1024 * KiB
 MAX_FILE_SIZE = 256 * KiB
 MAX_FILES = 40
 COMPACTION_TIMEOUT = 20.0
@@ -161,6 +162,14 @@ class Client:
         """`tierfs flush`: seal every staged byte into chunks now."""
         self.tierfs("flush", self.dir)
 
+    def migrate_all(self) -> None:
+        """`tierfs migrate --now`: every chunk with a hot copy goes to the cold tier."""
+        self.tierfs("migrate", self.dir, "--now")
+
+    def reclaim(self) -> None:
+        """`tierfs zones --reclaim`: reset empty zones, relocate the live records of dirty ones."""
+        self.tierfs("zones", self.dir, "--reclaim")
+
     def wait_for_compaction(self) -> None:
         """Until the daemon has compacted a file since it was mounted."""
         deadline = time.monotonic() + COMPACTION_TIMEOUT
@@ -258,10 +267,12 @@ def reach_every_point(c: Client, durables: Durables) -> None:
     write-after-staging, rename-after, fsync-after-data, commit-before, commit-after,
     fsync-after-commit, punch-before (once the unlink is durable, soon after that first
     fsync), unlink-open-after, seal-after-append, seal-after-install, compact-after-restage
-    (with commits only on fsync, the first commit is the first fsync's). Before the first
+    (with commits only on fsync, the first commit is the first fsync's), cold-after-append,
+    reclaim-after-relocate, reclaim-before-reset. Before the first
     commit it unlinks, truncates and renames durable files, so a crash there must bring back
     their fsynced bytes. Compaction needs `seal.compact_min_extents = 1` and
-    `seal.compact_ratio = 1.0`."""
+    `seal.compact_ratio = 1.0`; relocation needs a small zone device (`COLD_SMALL`) whose
+    reserve leaves fewer free zones than reclaim's low mark once the data migrated."""
     c.unlink(durables.victim)
     c.truncate(durables.keep)
     c.write(durables.keep, 4 * KiB)
@@ -290,6 +301,23 @@ def reach_every_point(c: Client, durables: Durables) -> None:
     c.close(synced)
     c.seal_all()
     c.wait_for_compaction()
+    reach_cold_points(c)
+
+
+def reach_cold_points(c: Client) -> None:
+    """Two files' chunks migrate mixed together (in chunk id order) into 4 MiB zones; with
+    one deleted, the full zones are mostly garbage: reclaim relocates their live records
+    and, once that is durable, resets them."""
+    doomed, kept = c.create("doomed"), c.create("kept")
+    for f in (doomed, kept):
+        c.write(f, 4 * MiB)
+        c.fsync(f)
+        c.close(f)
+    c.seal_all()
+    c.migrate_all()
+    c.unlink(doomed)
+    c.fsync_dir()
+    c.reclaim()
 
 
 # -- the random workload --------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import click
 
 from tierfs import __version__
-from tierfs.cli import flush, fsck, key, mkfs, mount, status
+from tierfs.cli import cold, flush, fsck, key, mkfs, mount, status
 from tierfs.errors import ExitCode, TierfsError
 
 
@@ -26,6 +27,11 @@ class TierfsGroup(click.Group):
             sys.exit(int(ExitCode.INTERRUPTED))
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except BrokenPipeError:
+            # The reader of our output went away (`tierfs zones | head`): not an error of
+            # ours. Point stdout at /dev/null so that the exit's flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except Exception as exc:
             click.echo(f"tierfs: internal error: {exc!r} (please report it)", err=True)
             sys.exit(int(ExitCode.INTERNAL))
@@ -54,6 +60,8 @@ cli.add_command(status.status)
 cli.add_command(fsck.fsck)
 cli.add_command(flush.flush)
 cli.add_command(key.key)
+cli.add_command(cold.migrate)
+cli.add_command(cold.zones)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from tierfs.errors import ExitCode, TierfsError
 from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
 from tierfs.snap import keys
+from tierfs.tiers.cold import devspec
 
 
 @click.command()
@@ -35,6 +36,13 @@ from tierfs.snap import keys
     help="With --domain DOMAIN_FILE: the domain signing key (keys/domain.key of a site of it).",
 )
 @passphrase_file_option
+@click.option(
+    "--zone-device",
+    default="emulated:auto",
+    show_default=True,
+    help="The cold tier's zoned device: emulated:SIZE (e.g. 64G; auto: a quarter of the free "
+    "space), zonefs:DIR, block:/dev/..., or none.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing filesystem (its data is lost).")
 def mkfs(
     data_dir: Path,
@@ -42,6 +50,7 @@ def mkfs(
     domain_file: Path | None,
     domain_key_file: Path | None,
     passphrase_file: Path | None,
+    zone_device: str,
     force: bool,
 ) -> None:
     """Create a tierfs filesystem in DATA_DIR.
@@ -56,10 +65,12 @@ def mkfs(
       tierfs mkfs /var/lib/tierfs --site store-042
       tierfs mkfs /var/lib/tierfs --site store-043 --domain /root/acme-domain.bundle
       tierfs mkfs /var/lib/tierfs --site store-044 --domain acme.json --domain-key acme.key
+      tierfs mkfs /var/lib/tierfs --site store-045 --zone-device zonefs:/mnt/zonefs
     """
     dd = DataDir(data_dir.absolute())
     if site is not None:
         config.parse({"site": {"name": site}}, "--site")
+    zones = devspec.plan(devspec.parse("" if zone_device == "none" else zone_device), dd.root)
     joined = domain_for_mkfs(domain_file, domain_key_file, passphrase_file)
     domain, domain_keys = joined if joined else (None, None)
     if dd.is_filesystem():
@@ -70,7 +81,7 @@ def mkfs(
             )
         if is_locked(dd):
             raise TierfsError(f"{dd.root}: filesystem is mounted; unmount it first", ExitCode.BUSY)
-        for sub in (dd.meta, dd.staging, dd.hot, dd.run):
+        for sub in (dd.meta, dd.staging, dd.hot, dd.run, dd.cold):
             shutil.rmtree(sub, ignore_errors=True)
     elif dd.root.exists() and not dd.root.is_dir():
         raise TierfsError(f"{dd.root}: exists and is not a directory", ExitCode.NOT_A_FILESYSTEM)
@@ -88,6 +99,8 @@ def mkfs(
         store.close()
         keys.write_domain_keys(dd.root, domain_keys)
         site_keys = keys.create_site_keys(dd.root, cfg.site, info["uuid"], domain_keys)
+        devspec.create(zones, dd.cold)
+        cfg = config.parse({"site": {"name": cfg.site}, "cold": {"device": zones.recorded}}, "mkfs")
         config.write(dd.root, cfg)
         _sync_dirs(dd)
     except OSError as exc:
@@ -107,7 +120,8 @@ def mkfs(
 def _sync_dirs(dd: DataDir) -> None:
     """Make the new directory entries durable, so a power cut after mkfs loses nothing."""
     keys_dir = keys.keys_dir(dd.root)
-    for d in (dd.meta, dd.staging, dd.hot, dd.run, dd.log_dir, keys_dir, dd.root, dd.root.parent):
+    dirs = [dd.meta, dd.staging, dd.hot, dd.run, dd.log_dir, keys_dir, dd.root, dd.root.parent]
+    for d in [dd.cold, *dirs] if dd.cold.exists() else dirs:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

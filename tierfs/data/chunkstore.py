@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierfs.meta import schema
-from tierfs.meta.records import TIER_HOT, ChunkRecord, SegmentRecord
+from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord, SegmentRecord
 from tierfs.meta.store import MetaStore
 
 _STATS = struct.Struct(">QQQQ")
@@ -55,6 +55,8 @@ class ChunkIndex:
         self.pending_frees: list[PendingFree] = []
         self.pinned: Counter[tuple[int, int]] = Counter()
         self.is_retained: Callable[[bytes], bool] = lambda chunk_id: False
+        # Set by the cold tier: a deleted chunk's zone record is no longer live.
+        self.cold_free: Callable[[Any, int, int, int], None] | None = None
 
     # -- records
 
@@ -93,6 +95,8 @@ class ChunkIndex:
         for tier, a, b in record.locations:
             if tier == TIER_HOT:
                 self.free_frame(tx, a, b, record.frame_len)
+            elif tier == TIER_COLD and self.cold_free is not None:
+                self.cold_free(tx, a, b, record.frame_len)
 
     def drop_unused(self, tx: Any, chunk_id: bytes) -> None:
         """A chunk stored by a seal round that ended up unused (its range was rewritten)."""
@@ -132,6 +136,15 @@ class ChunkIndex:
         self._stats_delta(tx, referenced=delta)
 
     # -- segments
+
+    def hot_live_bytes(self, tx: Any = None) -> int:
+        """Bytes of the frames that live in hot segments (chunks moved to zones are not):
+        what `hot.max_mb` limits."""
+        total = 0
+        with (tx or self.store.tx).cursor(db=self.store.segments) as cur:
+            for _, value in cur:
+                total += SegmentRecord.decode(bytes(value)).live_bytes
+        return total
 
     def segment(self, seg: int, tx: Any = None) -> SegmentRecord | None:
         raw = (tx or self.store.tx).get(schema.ino_key(seg), db=self.store.segments)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,7 +21,12 @@ from tierfs.data.cache import ChunkCache
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.extents import ExtentMap
 from tierfs.fs.namespace import FsError, Namespace
+from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord
+from tierfs.tiers.cold.errors import ColdError
 from tierfs.tiers.hot import HotStore
+
+if TYPE_CHECKING:
+    from tierfs.data.coldtier import ColdTier
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,10 @@ class ChunkPiece:
     length: int
     chunk_id: bytes
     chunk_off: int
-    seg: int
-    frame_off: int
+    seg: int  # the hot segment, or the cold zone
+    frame_off: int  # the frame's offset in the segment, or the record's in the zone
     frame_len: int
+    tier: int = TIER_HOT
 
 
 class FileReader:
@@ -64,6 +71,7 @@ class FileReader:
         self._window: dict[int, tuple[int, int]] = {}  # ino -> (window, prefetched up to)
         self._load_limiter = trio.CapacityLimiter(LOADS_IN_FLIGHT)
         self.prefetch: trio.Nursery | None = None
+        self.cold: ColdTier | None = None
         self.checksum_errors = 0
         self.io_errors = 0
 
@@ -107,25 +115,38 @@ class FileReader:
         self._window[ino] = (window, max(done, stop))
         if start >= stop:
             return
+        spans: dict[int, tuple[int, int]] = {}
         for ext in self.extents.overlapping(ino, start, stop):
             if ext.chunk_id in self._loading or ext.chunk_id in self._prefetching:
                 continue
             if self.cache.contains(ext.chunk_id):
                 continue
             record = self.chunks.get(ext.chunk_id)
-            hot = record.hot_location() if record else None
-            if record is None or hot is None:
+            where = self._where(record) if record else None
+            if record is None or where is None:
                 continue
-            piece = ChunkPiece(0, 0, ext.chunk_id, 0, hot[0], hot[1], record.frame_len)
+            tier, seg, off = where
+            piece = ChunkPiece(0, 0, ext.chunk_id, 0, seg, off, record.frame_len, tier)
             self._prefetching.add(ext.chunk_id)
             self.prefetch.start_soon(self._prefetch_one, ino, piece)
+            if tier == TIER_HOT:
+                lo, hi = spans.get(seg, (off, off))
+                spans[seg] = (min(lo, off), max(hi, off + record.frame_len))
+        for seg, (lo, hi) in spans.items():
+            self.prefetch.start_soon(self._will_need, seg, lo, hi - lo)
+
+    async def _will_need(self, seg: int, offset: int, length: int) -> None:
+        """Ask the kernel to read a window's frames in now, all at once: the loads (a few
+        at a time) then find them in the page cache instead of each waiting for the disk."""
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(self.hot.will_need, seg, offset, length)
 
     async def _prefetch_one(self, ino: int, piece: ChunkPiece) -> None:
         """Load one chunk ahead of a reader. Failures are already logged and counted by
         chunk_data, and the read that needs the chunk reports them; nothing may escape into
         the daemon's nursery."""
         try:
-            with self.chunks.pin(piece.seg, piece.frame_off):
+            with self._pin(piece):
                 await self.chunk_data(ino, piece)
         except FsError:
             return
@@ -153,20 +174,22 @@ class FileReader:
             for ext in self.extents.overlapping(ino, a, b):
                 lo, hi = max(a, ext.file_off), min(b, ext.end)
                 record = self.chunks.get(ext.chunk_id)
-                hot = record.hot_location() if record else None
-                if record is None or hot is None:
+                where = self._where(record) if record else None
+                if record is None or where is None:
                     log.error("inode %d: chunk %s has no stored copy", ino, ext.chunk_id.hex()[:16])
                     self.io_errors += 1
                     raise FsError(errno.EIO)
+                tier, seg, off = where
                 pieces.append(
                     ChunkPiece(
                         lo - offset,
                         hi - lo,
                         ext.chunk_id,
                         ext.chunk_off + lo - ext.file_off,
-                        hot[0],
-                        hot[1],
+                        seg,
+                        off,
                         record.frame_len,
+                        tier,
                     )
                 )
         return pieces
@@ -174,7 +197,7 @@ class FileReader:
     async def _fill(self, ino: int, buf: bytearray, pieces: list[ChunkPiece]) -> None:
         with contextlib.ExitStack() as pins:
             for p in pieces:
-                pins.enter_context(self.chunks.pin(p.seg, p.frame_off))
+                pins.enter_context(self._pin(p))
             for p in pieces:
                 data = memoryview(await self.chunk_data(ino, p))
                 buf[p.buf_off : p.buf_off + p.length] = data[p.chunk_off : p.chunk_off + p.length]
@@ -196,16 +219,39 @@ class FileReader:
             self.checksum_errors += 1
             log.error("inode %d: chunk %s failed its check: %s", ino, p.chunk_id.hex()[:16], exc)
             raise FsError(errno.EIO) from None
-        except OSError as exc:
+        except (OSError, ColdError) as exc:
             self.io_errors += 1
             log.error("inode %d: chunk %s unreadable: %s", ino, p.chunk_id.hex()[:16], exc)
             raise FsError(errno.EIO) from None
         finally:
             del self._loading[p.chunk_id]
             event.set()
+        if p.tier == TIER_HOT and self.cold is not None:
+            self.cold.note_read(p.seg)
         self.cache.put(p.chunk_id, data)
         return data
 
+    def _where(self, record: ChunkRecord) -> tuple[int, int, int] | None:
+        """(tier, segment or zone, offset) of the copy to read: hot first, then cold."""
+        hot = record.hot_location()
+        if hot is not None:
+            return TIER_HOT, hot[0], hot[1]
+        cold = record.cold_location()
+        if cold is not None and self.cold is not None:
+            return TIER_COLD, cold[0], cold[1]
+        return None
+
+    def _pin(self, p: ChunkPiece) -> contextlib.AbstractContextManager[None]:
+        """Keep the copy where it is while it loads: no punch of the frame, no reset of
+        the zone."""
+        if p.tier == TIER_COLD:
+            assert self.cold is not None
+            return self.cold.pin(p.seg)
+        return self.chunks.pin(p.seg, p.frame_off)
+
     def _load(self, p: ChunkPiece) -> bytes | memoryview:
+        if p.tier == TIER_COLD:
+            assert self.cold is not None
+            return self.cold.read(p.seg, p.frame_off, p.frame_len, p.chunk_id)
         raw = self.hot.read(p.seg, p.frame_off, p.frame_len)
         return frame.decode(raw, p.chunk_id)

@@ -402,7 +402,7 @@ class Sealer:
             return []
         total = sum(f.frame_len for f in frames)
         limit = self.policy.hot_max_bytes
-        if limit and self.chunks.stats().stored_bytes + total > limit:
+        if limit and self.chunks.hot_live_bytes() + total > limit:
             raise OSError(errno.ENOSPC, f"hot tier limit of {limit >> 20} MiB reached")
         new_segment = self.hot.needs_new_segment(total)
         if new_segment:
@@ -506,6 +506,12 @@ class Sealer:
         self.chunks.forget_frees(frees)
 
     def free_frames(self, frees: list[PendingFree]) -> None:
-        """Punch dead frames and delete empty segments (worker thread, or at unmount)."""
+        """Punch dead frames and delete empty segments (worker thread, or at unmount).
+
+        A segment deleted in the same batch needs no punches first (a migration frees a
+        whole segment's frames one by one)."""
+        deleted = {f.seg for f in frees if f.length < 0}
         for f in frees:
+            if f.length >= 0 and f.seg in deleted:
+                continue
             self.hot.give_back(f.seg, f.offset, f.length)

@@ -116,6 +116,9 @@ SEGMENT_RECORD_VERSION = 1
 _SEGMENT = struct.Struct(">BBQQI")
 
 TIER_HOT = 1
+TIER_COLD = 2  # (TIER_COLD, zone number, record offset in the zone)
+ZONE_RECORD_VERSION = 1
+_ZONE = struct.Struct(">BBQ")
 
 
 def encode_extent(chunk_id: bytes, chunk_off: int, length: int) -> bytes:
@@ -167,6 +170,13 @@ class ChunkRecord:
                 return a, b
         return None
 
+    def cold_location(self) -> tuple[int, int] | None:
+        """(zone, record offset) of the copy in the cold tier, if any."""
+        for tier, a, b in self.locations:
+            if tier == TIER_COLD:
+                return a, b
+        return None
+
 
 @dataclasses.dataclass(slots=True)
 class SegmentRecord:
@@ -188,3 +198,22 @@ class SegmentRecord:
             raise TierfsError("segment record has an unknown version", ExitCode.VERSION)
         _, active, end, live, frames = _SEGMENT.unpack(data)
         return cls(bool(active), int(end), int(live), int(frames))
+
+
+@dataclasses.dataclass(slots=True)
+class ZoneRecord:
+    """A cold-tier zone as the index sees it: the lifetime class of its records and how many
+    of its bytes committed chunk locations point at (record lengths, padding included)."""
+
+    klass: int
+    live_bytes: int
+
+    def encode(self) -> bytes:
+        return _ZONE.pack(ZONE_RECORD_VERSION, self.klass, self.live_bytes)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ZoneRecord:
+        if not data or data[0] != ZONE_RECORD_VERSION:
+            raise TierfsError("zone record has an unknown version", ExitCode.VERSION)
+        _, klass, live = _ZONE.unpack(data)
+        return cls(int(klass), int(live))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1  # 1: DB_ZONES and TIER_COLD locations (the cold tier)
 MAGIC = b"TIERFS-META"
 
 # Named databases of the single environment.
@@ -24,6 +24,7 @@ DB_EXTENTS = b"extents"  # ino(8) + file offset(8) -> chunk id(32) + offset in c
 DB_CHUNKS = b"chunks"  # chunk id(32) -> chunk record (records.ChunkRecord)
 DB_SEGMENTS = b"segments"  # segment id(8) -> segment record (records.SegmentRecord)
 DB_FREES = b"frees"  # segment id(8) + offset(8) -> length(">q"; -1: the whole segment)
+DB_ZONES = b"zones"  # zone number(8) -> zone record (records.ZoneRecord): class, live bytes
 
 ALL_DBS = (
     DB_META,
@@ -38,6 +39,7 @@ ALL_DBS = (
     DB_CHUNKS,
     DB_SEGMENTS,
     DB_FREES,
+    DB_ZONES,
 )
 
 # Keys of DB_META.
@@ -53,7 +55,7 @@ K_DOMAIN_ID = b"domain_id"  # utf-8 UUID of the dedup domain (DATA_DIR/domain.js
 K_NEXT_SEGMENT = b"next_segment"  # ">Q": next hot segment id (never reused)
 K_CHUNK_STATS = b"chunk_stats"  # ">QQQQ": chunks, plaintext bytes, stored bytes, referenced bytes
 
-FEATURES: tuple[str, ...] = ("staging-v1", "chunks-v1")
+FEATURES: tuple[str, ...] = ("staging-v1", "chunks-v1", "cold-v1")
 
 ROOT_INO = 1
 FIRST_FREE_INO = 2

@@ -66,6 +66,7 @@ class MetaStore:
         self.chunks = env.open_db(schema.DB_CHUNKS, create=False)
         self.segments = env.open_db(schema.DB_SEGMENTS, create=False)
         self.frees = env.open_db(schema.DB_FREES, create=False)
+        self.zones: Any = None  # opened once the schema version is known (_open_added)
         self._group: Any = None
         self.pending_ops = 0
         self.commits = 0
@@ -82,6 +83,7 @@ class MetaStore:
             for name in schema.ALL_DBS:
                 env.open_db(name, txn=tx)
         store = cls(env, readonly=False, preallocate_bytes=preallocate_bytes)
+        store.zones = env.open_db(schema.DB_ZONES, create=False)
         now = time.time_ns()
         with store.op() as tx:
             put = tx.put
@@ -124,6 +126,7 @@ class MetaStore:
                 f"{path}: metadata index is incomplete ({exc})", ExitCode.NOT_A_FILESYSTEM
             ) from None
         store._check_version(path)
+        store._open_added()
         return store
 
     def _check_version(self, path: Path) -> None:
@@ -145,6 +148,32 @@ class MetaStore:
                 f"({schema.SCHEMA_MAJOR}); no upgrade path exists for it yet",
                 ExitCode.VERSION,
             )
+
+    def _open_added(self) -> None:
+        """Databases of later minor versions: a read-write open of an older index creates
+        them and records the current minor version; read-only, a missing one stays None
+        (nothing in it)."""
+        self.zones = _open_added_db(self.env, schema.DB_ZONES, self.readonly)
+        if self.readonly:
+            return
+        with self.env.begin(write=True) as tx:
+            major, minor = _SCHEMA.unpack(tx.get(schema.K_SCHEMA, db=self.meta))
+            if minor < schema.SCHEMA_MINOR:
+                tx.put(
+                    schema.K_SCHEMA,
+                    _SCHEMA.pack(major, schema.SCHEMA_MINOR),
+                    db=self.meta,
+                )
+                features = bytes(tx.get(schema.K_FEATURES, db=self.meta)).decode().split(",")
+                added = [f for f in schema.FEATURES if f not in features]
+                tx.put(schema.K_FEATURES, ",".join(features + added).encode(), db=self.meta)
+                log.info(
+                    "metadata schema upgraded from %d.%d to %d.%d",
+                    major,
+                    minor,
+                    major,
+                    schema.SCHEMA_MINOR,
+                )
 
     def close(self) -> None:
         if self._group is not None:
@@ -193,6 +222,17 @@ class MetaStore:
         """A read-only snapshot of the last commit (for tools, not for the daemon)."""
         with self.env.begin() as tx:
             yield tx
+
+    def read_view(self) -> Any:
+        """A read-only transaction on the last commit, for any one thread at a time.
+
+        py-lmdb opens every environment with MDB_NOTLS, so a read transaction may be begun
+        and used in a worker thread while the trio thread keeps its group write transaction
+        (LMDB readers never block the writer). It sees the state of the last commit, never the
+        group's uncommitted operations: commit first to include them. The caller must `abort()`
+        it: while it lives, the pages of its state cannot be reused and the index grows.
+        """
+        return self.env.begin(buffers=False)
 
     def commit(self) -> None:
         """Commit the group: durable against crashes except for the last meta page."""
@@ -257,6 +297,18 @@ class MetaStore:
             "features": bytes(t.get(schema.K_FEATURES, db=self.meta)).decode().split(","),
             "site": bytes(t.get(schema.K_SITE, db=self.meta)).decode(),
         }
+
+
+def _open_added_db(env: Any, name: bytes, readonly: bool) -> Any:
+    """A database added in a later minor schema version: created on the first read-write
+    open of an older index; read-only, None when it is not there yet (nothing in it)."""
+    if not readonly:
+        with env.begin(write=True) as tx:
+            return env.open_db(name, txn=tx)
+    try:
+        return env.open_db(name, create=False)
+    except lmdb.NotFoundError:
+        return None
 
 
 def _open_env(path: Path, readonly: bool) -> Any:

@@ -1,9 +1,10 @@
 """`python -m tools.bench.run`: benchmark tierfs against native and the pyfuse3 floor.
 
 Prints the result tables on stdout (progress goes to the log on stderr) and rewrites
-docs/benchmarks.md; then runs the chunking micro-benchmark, which needs no mount. Every mount
-it makes is unmounted and its work directory removed on every exit path, Ctrl-C and SIGTERM
-included. docs/benchmarks.md describes the method.
+docs/benchmarks.md; then runs the chunking micro-benchmark, which needs no mount, and the
+cold-tier benchmark (tools/bench/cold.py, a mount of its own). Every mount it makes is
+unmounted and its work directory removed on every exit path, Ctrl-C and SIGTERM included.
+docs/benchmarks.md describes the method.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from tools.bench import chunking, datapath, profiling, report, system, workloads
 from tools.bench.phases import Figures, Phases, make_cold, settle
 from tools.bench.targets import REPO_ROOT, Target, build
+
+if TYPE_CHECKING:  # imported where used: tools.bench.cold imports this module
+    from tools.bench import cold
 
 log = logging.getLogger("tools.bench")
 
@@ -32,7 +37,7 @@ WORK_DIR_CANDIDATES = (Path("/var/tmp"), Path("/work"))
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-PARTS = ("foundation", "datapath", "chunking")
+PARTS = ("foundation", "datapath", "chunking", "cold")
 WRITE_SEAL_SHARE = 0.50
 
 Results = dict[str, dict[str, list[float]]]
@@ -407,14 +412,22 @@ def write_report(
     log.info("wrote %s", args.output)
 
 
-def kept_sections(args: argparse.Namespace, chunking_section: str | None) -> list[str]:
-    """The sections this run does not write, from the current report; the chunking section
-    replaced when the chunking benchmark ran."""
+COLD_SECTION = "cold"  # tools.bench.cold.SECTION
+
+
+def kept_sections(
+    args: argparse.Namespace, chunking_section: str | None, cold_section: str | None = None
+) -> list[str]:
+    """The sections this run does not write, from the current report; the chunking and cold
+    sections replaced when their benchmarks ran."""
+    names = [*report.KEPT_SECTIONS, COLD_SECTION]
     old = args.output.read_text() if args.output.exists() else ""
-    kept = {name: report.kept_section(old, name) for name in report.KEPT_SECTIONS}
+    kept = {name: report.kept_section(old, name) for name in names}
     if chunking_section is not None:
         kept[chunking.SECTION] = chunking_section
-    return [kept[name] for name in report.KEPT_SECTIONS]
+    if cold_section is not None:
+        kept[COLD_SECTION] = cold_section
+    return [kept[name] for name in names]
 
 
 def run_chunking(args: argparse.Namespace) -> chunking.Outcome | None:
@@ -428,7 +441,52 @@ def run_chunking(args: argparse.Namespace) -> chunking.Outcome | None:
         return None
 
 
+def _size_arg(size: int) -> str:
+    """`size` as a --size argument (1G rather than 1073741824)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+def cold_argv(args: argparse.Namespace) -> list[str]:
+    """The cold-tier benchmark's arguments: this run's size, work dir and output."""
+    argv = ["--size", _size_arg(args.size), "--output", str(args.output)]
+    return argv + (["--work-dir", str(args.work_dir)] if args.work_dir else [])
+
+
+def run_cold(args: argparse.Namespace) -> cold.Outcome | None:
+    """The cold-tier benchmark, unless skipped; interrupted or failed, its old section stays
+    (it unmounts and cleans up after itself either way)."""
+    if "cold" in args.skip:
+        return None
+    from tools.bench import cold
+
+    try:
+        return cold.run(cold.parse_args(cold_argv(args)))
+    except KeyboardInterrupt:
+        log.error("interrupted during the cold-tier benchmark; keeping its old section")
+    except Exception:
+        log.exception("the cold-tier benchmark failed; keeping its old section")
+    return None
+
+
+def sections_only(args: argparse.Namespace) -> int:
+    """Only the parts that write a section of their own (chunking, cold): each rewrites just
+    its section of the report."""
+    status = 0
+    if "chunking" not in args.skip:
+        status = chunking.main(["--output", str(args.output)])
+    if "cold" not in args.skip:
+        from tools.bench import cold
+
+        status = cold.main(cold_argv(args)) or status
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from tools.bench import cold
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(
@@ -437,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if {"foundation", "datapath"} <= set(args.skip):
-        return chunking.main(["--output", str(args.output)])
+        return sections_only(args)
     if os.geteuid() != 0:
         log.error("needs root: dropping caches and FUSE allow_other (as tierfs uses it)")
         return 2
@@ -461,9 +519,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_all(targets, work_dir)
     outcome = run_chunking(args)
     section = chunking.section(outcome) if outcome is not None else None
-    write_report(args, argv, results, options, machine, kept_sections(args, section))
+    cold_outcome = run_cold(args)
+    cold_section = None
+    if cold_outcome is not None:
+        cold_section = cold.section(
+            cold_outcome, shlex.join(["python", "-m", "tools.bench.run", *argv])
+        )
+    write_report(args, argv, results, options, machine, kept_sections(args, section, cold_section))
     if outcome is not None:
         chunking.print_tables(outcome)
+    if cold_outcome is not None:
+        cold.print_tables(cold_outcome)
     return 0
 
 

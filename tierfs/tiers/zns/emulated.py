@@ -72,8 +72,9 @@ class EmulatedZonedDevice:
         dev._save_state()
         return dev
 
-    @classmethod
-    def open(cls, path: Path) -> EmulatedZonedDevice:
+    @staticmethod
+    def _read_sidecar(path: Path) -> tuple[bytes, Geometry, int]:
+        """The sidecar's bytes, the geometry it records and where the zone states start."""
         sidecar = path.with_name(path.name + ".zones")
         try:
             raw = sidecar.read_bytes()
@@ -84,8 +85,17 @@ class EmulatedZonedDevice:
         header_len = struct.unpack_from("=I", raw, len(SIDECAR_MAGIC))[0]
         start = len(SIDECAR_MAGIC) + 4
         geometry = Geometry(**json.loads(raw[start : start + header_len]))
+        return raw, geometry, start + header_len
+
+    @classmethod
+    def geometry_of(cls, path: Path) -> Geometry:
+        """The geometry of the device at `path`, read without opening (or touching) it."""
+        return cls._read_sidecar(path)[1]
+
+    @classmethod
+    def open(cls, path: Path) -> EmulatedZonedDevice:
+        raw, geometry, pos = cls._read_sidecar(path)
         dev = cls(path, geometry)
-        pos = start + header_len
         for z in range(geometry.nr_zones):
             wp, cond, _ = _ZONE_STATE.unpack_from(raw, pos + z * _ZONE_STATE.size)
             dev.wp[z], dev.cond[z] = wp, dev._after_restart(z, wp, Cond(cond))

@@ -1,0 +1,421 @@
+"""The cold tier in the filesystem: migration of cold chunks into zones, and zone reclaim.
+
+The storage itself is the `tierfs.tiers.cold` library (records, allocator, reclaim rules);
+this module is its caller: it owns the index side (chunk locations, DB_ZONES live bytes),
+decides what is cold, and runs the two background jobs.
+
+Migration moves whole hot segments: every live chunk of a segment whose last access is older
+than `cold.cold_after` (or, above `cold.hot_high_pct` of the hot tier's room, the least
+recently used segments until it is back under `cold.hot_low_pct`). Access is tracked
+coarsely, per segment and in memory: the segment file's mtime (its last append) and the last
+chunk load from it since mount; a mount counts as an access, so nothing migrates by age in
+the first `cold_after` after a mount. A batch's frames are read from the hot tier (pinned,
+checked), appended to zones and flushed, then one operation points each chunk that is still
+where it was at its record and frees its hot frame (given back once that commit is durable).
+
+Reclaim: zones with nothing live are reset once the commit that emptied them is durable and
+no reader pins them; when EMPTY zones run low, the zones with the most garbage have their
+live records relocated and are reset on a later pass. All device work runs in worker threads
+under `device_lock` (the allocator is not thread-safe); the index work on the trio thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from tierfs.data import frame
+from tierfs.data.chunkstore import ChunkIndex
+from tierfs.meta import schema
+from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord, SegmentRecord, ZoneRecord
+from tierfs.meta.store import MetaStore
+from tierfs.tiers.cold.errors import AppendError, ColdError, ColdFull
+from tierfs.tiers.cold.reader import read_chunk, scan_zone
+from tierfs.tiers.cold.reclaim import Reclaimer, ZoneUsage
+from tierfs.tiers.cold.record import Location, record_len
+from tierfs.tiers.cold.zones import Lifetime, ZoneAllocator
+from tierfs.tiers.hot import HotStore
+from tierfs.tiers.zns.device import ZonedDevice
+from tierfs.tiers.zns.model import SECTOR, Cond
+
+log = logging.getLogger(__name__)
+
+SCAN_SLICE = 4096  # chunk records looked at per step of a migration scan (no await inside)
+
+
+@dataclasses.dataclass
+class ColdPolicy:
+    cold_after: float = 86400.0
+    hot_high_pct: int = 85
+    hot_low_pct: int = 70
+    batch_bytes: int = 64 << 20
+    reserve_zones: int = 2
+    min_garbage: float = 0.25
+    interval: float = 5.0
+    hot_room: int = 0  # bytes the hot tier may use (hot.max_mb, else the data directory's size)
+
+
+@dataclasses.dataclass
+class ColdCounters:
+    migrated_chunks: int = 0
+    migrated_bytes: int = 0
+    relocated_chunks: int = 0
+    zones_reset: int = 0
+    migration_read_errors: int = 0
+
+
+class ColdTier:
+    def __init__(
+        self,
+        store: MetaStore,
+        chunks: ChunkIndex,
+        hot: HotStore,
+        device: ZonedDevice,
+        policy: ColdPolicy,
+        io_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.store = store
+        self.chunks = chunks
+        self.hot = hot
+        self.device = device
+        self.policy = policy
+        self.io_limiter = io_limiter
+        self.lba = device.geometry.lba_size
+        self.allocator = ZoneAllocator(device, reserve=policy.reserve_zones)
+        self.usage = ZoneUsage.rebuild(self._zone_rows())
+        self.reclaimer = Reclaimer(self.allocator, self.usage, min_garbage=policy.min_garbage)
+        self.device_lock = trio.Lock()
+        self.migrate_lock = trio.Lock()
+        self.segment_reads: dict[int, float] = {}
+        self.mounted_at = time.time()
+        self.counters = ColdCounters()
+        chunks.cold_free = self._on_free
+
+    # -- the index side ----------------------------------------------------------------
+
+    def _zone_rows(self) -> Iterator[tuple[int, int, int]]:
+        with self.store.tx.cursor(db=self.store.zones) as cur:
+            for key, value in cur:
+                record = ZoneRecord.decode(bytes(value))
+                yield schema.key_ino(bytes(key)), record.live_bytes, record.klass
+
+    def _zone_delta(self, tx: Any, zone: int, klass: int, delta: int) -> None:
+        key = schema.ino_key(zone)
+        raw = tx.get(key, db=self.store.zones)
+        record = ZoneRecord.decode(bytes(raw)) if raw is not None else ZoneRecord(klass, 0)
+        record.live_bytes += delta
+        if record.live_bytes <= 0:
+            tx.delete(key, db=self.store.zones)
+        else:
+            tx.put(key, record.encode(), db=self.store.zones)
+
+    def location(self, zone: int, offset: int, frame_len: int) -> Location:
+        return Location(zone, offset, record_len(frame_len, self.lba))
+
+    def _on_free(self, tx: Any, zone: int, offset: int, frame_len: int) -> None:
+        """A chunk record with a cold copy was deleted (in operation `tx`)."""
+        loc = self.location(zone, offset, frame_len)
+        self._zone_delta(tx, zone, 0, -loc.length)
+        self.usage.remove(loc, self.store.commits)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def note_read(self, seg: int) -> None:
+        """A chunk was loaded from hot segment `seg`: the segment is not cold."""
+        self.segment_reads[seg] = time.time()
+
+    def pin(self, zone: int) -> contextlib.AbstractContextManager[None]:
+        return self.usage.pin(zone)
+
+    def read(self, zone: int, offset: int, frame_len: int, chunk_id: bytes) -> bytes | memoryview:
+        """A chunk's plaintext from its zone record (worker thread)."""
+        return read_chunk(self.device, self.location(zone, offset, frame_len), chunk_id)
+
+    # -- the background job ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Migrate what is due and reclaim zones, every `interval` seconds; a failing pass
+        is logged and retried, it never stops the mount."""
+        while True:
+            await trio.sleep(self.policy.interval)
+            for step in (self._migrate_due, self.reclaim):
+                try:
+                    await step()
+                except ColdFull as exc:
+                    log.warning("cold tier full, migration waits for reclaim: %s", exc)
+                except Exception:
+                    log.exception("cold tier pass failed; it is retried")
+
+    async def _migrate_due(self) -> None:
+        await self.migrate(self.due_segments(), Lifetime.LONG)
+        await self.migrate(self._pressure_segments(), Lifetime.SHORT)
+
+    def _segments(self) -> dict[int, SegmentRecord]:
+        out = {}
+        with self.store.tx.cursor(db=self.store.segments) as cur:
+            for key, value in cur:
+                out[schema.key_ino(bytes(key))] = SegmentRecord.decode(bytes(value))
+        return out
+
+    def _last_access(self, seg: int) -> float:
+        try:
+            written = os.stat(self.hot.path(seg)).st_mtime
+        except FileNotFoundError:
+            written = 0.0
+        return max(written, self.segment_reads.get(seg, self.mounted_at))
+
+    def due_segments(self) -> set[int]:
+        """Segments (the active one too) not accessed for `cold_after`."""
+        limit = time.time() - self.policy.cold_after
+        return {
+            seg
+            for seg, rec in self._segments().items()
+            if rec.live_frames and self._last_access(seg) < limit
+        }
+
+    def _pressure_segments(self) -> set[int]:
+        """Above the high watermark: least recently used segments down to the low one."""
+        room = self.policy.hot_room
+        segments = self._segments()
+        used = sum(rec.live_bytes for rec in segments.values())
+        if not room or used * 100 <= room * self.policy.hot_high_pct:
+            return set()
+        target = used - room * self.policy.hot_low_pct // 100
+        picked: set[int] = set()
+        for seg in sorted(segments, key=self._last_access):
+            if target <= 0:
+                break
+            if seg == self.hot.active or not segments[seg].live_frames:
+                continue
+            picked.add(seg)
+            target -= segments[seg].live_bytes
+        return picked
+
+    # -- migration ---------------------------------------------------------------------
+
+    async def migrate(self, segments: set[int] | None, klass: int) -> None:
+        """Migrate the chunks whose hot copy is in `segments` (None: every segment)."""
+        if segments is not None and not segments:
+            return
+        async with self.migrate_lock:
+            batch: list[tuple[bytes, ChunkRecord]] = []
+            size = 0
+            after = b""
+            while True:
+                found, after = self._scan_slice(after, segments)
+                for item in found:
+                    batch.append(item)
+                    size += item[1].frame_len
+                    if size >= self.policy.batch_bytes:
+                        await self._migrate_batch(batch, klass)
+                        batch, size = [], 0
+                if not after:
+                    break
+                await trio.lowlevel.checkpoint()
+            await self._migrate_batch(batch, klass)
+
+    def _scan_slice(
+        self, after: bytes, segments: set[int] | None
+    ) -> tuple[list[tuple[bytes, ChunkRecord]], bytes]:
+        """Up to SCAN_SLICE chunk records after key `after` with a hot copy in `segments`;
+        and the key to continue from (b"" at the end). No await: one read transaction."""
+        found = []
+        last = b""
+        with self.store.tx.cursor(db=self.store.chunks) as cur:
+            positioned = cur.set_range(after) if after else cur.first()
+            if positioned and after and bytes(cur.key()) == after:
+                positioned = cur.next()
+            count = 0
+            while positioned and count < SCAN_SLICE:
+                key = bytes(cur.key())
+                record = ChunkRecord.decode(bytes(cur.value()))
+                hot = record.hot_location()
+                if hot is not None and (segments is None or hot[0] in segments):
+                    found.append((key, record))
+                last = key
+                count += 1
+                positioned = cur.next()
+        return found, (last if positioned else b"")
+
+    async def _migrate_batch(self, batch: list[tuple[bytes, ChunkRecord]], klass: int) -> None:
+        if not batch:
+            return
+        with contextlib.ExitStack() as pins:
+            for _, record in batch:
+                hot = record.hot_location()
+                assert hot is not None
+                pins.enter_context(self.chunks.pin(hot[0], hot[1]))
+            frames = await trio.to_thread.run_sync(
+                self._read_frames, batch, limiter=self.io_limiter
+            )
+        readable = [(item, f) for item, f in zip(batch, frames, strict=True) if f is not None]
+        if not readable:
+            return
+        async with self.device_lock:
+            try:
+                locations = await trio.to_thread.run_sync(
+                    self.allocator.append_batch,
+                    klass,
+                    [f for _, f in readable],
+                    limiter=self.io_limiter,
+                )
+            except AppendError as exc:
+                log.error("cold tier: append failed part way: %s", exc)
+                locations = exc.written
+        written = [item for item, _ in readable][: len(locations)]
+        self._install(written, locations, klass)
+        self.allocator.settle(locations)
+
+    def _read_frames(self, batch: list[tuple[bytes, ChunkRecord]]) -> list[bytes | None]:
+        """Worker thread: each chunk's hot frame, checked; None for one that fails (it stays
+        hot, its read reports the error)."""
+        out: list[bytes | None] = []
+        for chunk_id, record in batch:
+            hot = record.hot_location()
+            assert hot is not None
+            try:
+                data = self.hot.read(hot[0], hot[1], record.frame_len)
+                frame.decode(data, chunk_id)
+            except (OSError, frame.FrameError) as exc:
+                log.error(
+                    "chunk %s: not migrated, hot copy unreadable: %s", chunk_id.hex()[:16], exc
+                )
+                self.counters.migration_read_errors += 1
+                out.append(None)
+                continue
+            out.append(data)
+        return out
+
+    def _install(
+        self, items: list[tuple[bytes, ChunkRecord]], locations: list[Location], klass: int
+    ) -> None:
+        """One operation: each chunk still at its hot location now lives in its zone record;
+        its hot frame is freed once this is durable. Records of chunks that changed or went
+        meanwhile stay garbage in their zone."""
+        added = []
+        with self.store.op() as tx:
+            for (chunk_id, was), loc in zip(items, locations, strict=True):
+                record = self.chunks.get(chunk_id, tx)
+                hot = record.hot_location() if record is not None else None
+                if record is None or hot is None or hot != was.hot_location():
+                    continue
+                record.locations = [x for x in record.locations if x[0] != TIER_HOT]
+                record.locations.append((TIER_COLD, loc.zone, loc.offset))
+                self.chunks.put(tx, chunk_id, record)
+                self.chunks.free_frame(tx, hot[0], hot[1], record.frame_len)
+                self._zone_delta(tx, loc.zone, klass, loc.length)
+                added.append((loc, record.frame_len))
+        for loc, frame_len in added:
+            self.usage.add(loc, klass)
+            self.counters.migrated_chunks += 1
+            self.counters.migrated_bytes += frame_len
+        if added:
+            log.info("cold tier: %d chunks migrated to zones", len(added))
+
+    # -- reclaim -----------------------------------------------------------------------
+
+    async def reclaim(self) -> None:
+        async with self.device_lock:
+            reset = await trio.to_thread.run_sync(
+                self.reclaimer.reset_empty, self.store.durable_commits, limiter=self.io_limiter
+            )
+        self.counters.zones_reset += len(reset)
+        for victim in self.reclaimer.pick_victims():
+            await self._relocate(victim)
+
+    async def _relocate(self, victim: int) -> None:
+        async with self.device_lock:
+            entries = await trio.to_thread.run_sync(
+                lambda: list(scan_zone(self.device, victim)), limiter=self.io_limiter
+            )
+            live = self._live_records(victim, entries)
+            relocation = await trio.to_thread.run_sync(
+                self.reclaimer.relocate, victim, live, limiter=self.io_limiter
+            )
+        moved = []
+        with self.store.op() as tx:
+            klass = self.usage.klass.get(victim, 0)
+            for move in relocation.moves:
+                record = self.chunks.get(move.chunk_id, tx)
+                if record is None or record.cold_location() != (victim, move.old.offset):
+                    continue
+                record.locations = [x for x in record.locations if x[0] != TIER_COLD]
+                record.locations.append((TIER_COLD, move.new.zone, move.new.offset))
+                self.chunks.put(tx, move.chunk_id, record)
+                self._zone_delta(tx, victim, klass, -move.old.length)
+                self._zone_delta(tx, move.new.zone, klass, move.new.length)
+                moved.append(move)
+        for move in moved:
+            self.usage.move(move.old, move.new, self.store.commits)
+        self.allocator.settle([m.new for m in relocation.moves])
+        self.counters.relocated_chunks += len(moved)
+
+    def _live_records(self, zone: int, entries: list[Any]) -> list[tuple[bytes, Location]]:
+        """The records of `zone` that the index points at."""
+        live = []
+        for entry in entries:
+            header = entry.header
+            if header is None:
+                continue
+            record = self.chunks.get(header.chunk_id)
+            if record is not None and record.cold_location() == (zone, entry.offset):
+                live.append((header.chunk_id, Location(zone, entry.offset, entry.length)))
+        return live
+
+    # -- reports -----------------------------------------------------------------------
+
+    def zones_report(self) -> list[dict[str, Any]]:
+        """Every sequential zone: condition, write pointer, capacity, live bytes, class."""
+        out = []
+        for z in range(self.device.nr_zones()):
+            if self.device.is_conventional(z):
+                continue
+            zone = self.device.zone(z)
+            capacity = zone.capacity * SECTOR
+            if zone.cond in (Cond.READONLY, Cond.OFFLINE):
+                wp = None
+            elif zone.cond == Cond.FULL:
+                wp = capacity
+            else:
+                wp = (zone.wp - zone.start) * SECTOR
+            out.append(
+                {
+                    "zone": z,
+                    "condition": zone.cond.name.lower(),
+                    "write_pointer": wp,
+                    "capacity": capacity,
+                    "live_bytes": self.usage.live_bytes(z),
+                    "class": _class_name(self.usage.klass.get(z, self.allocator.zone_class(z))),
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, int]:
+        zones = self.zones_report()
+        return {
+            "bytes": sum(z["live_bytes"] for z in zones),
+            "zones": len(zones),
+            "zones_empty": sum(1 for z in zones if z["condition"] == "empty"),
+            "written_bytes": sum(z["write_pointer"] or 0 for z in zones),
+            **dataclasses.asdict(self.counters),
+        }
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ColdError):
+            self.device.close_device()
+
+
+def _class_name(klass: int | None) -> str:
+    if klass is None:
+        return "-"
+    try:
+        return Lifetime(klass).name.lower()
+    except ValueError:
+        return str(klass)

@@ -1,0 +1,1089 @@
+"""`python -m tools.bench.cold`: the ZNS cold tier, measured on a real mount.
+
+tierfs is made with an emulated zoned device in the work directory (`tierfs mkfs
+--zone-device emulated:SIZE:ZONE`, a sparse file on the same disk, never a tmpfs) sized so that
+`--size` of data fills half of its zone capacity, and mounted with `tierfs mount`. Then:
+
+1. **Migration throughput.** `--size` of random data (BLAKE3 output made before the clock) is
+   written as files of 1 to 16 MiB, sealed (the `flush` control request), the daemon's chunk
+   cache and the kernel's caches are dropped, and the `migrate` request of `tierfs migrate
+   --now` is timed, followed by a `sync` request (the new chunk locations committed and
+   durable), sent from this process so that starting the CLI is not counted. The rate is
+   chunk data moved into zones (`migrated_bytes`) over that time, compared with a 1 MiB-write
+   + fsync sequential file write of the same size through the pyfuse3 floor
+   (tools/bench/passthrough.py) and into a plain directory, on the same disk in the same run.
+2. **Write amplification of reclaim.** From there, rounds of churn: a random ~10 % of the
+   files (seeded) are deleted and as many bytes of new files of 1 to 16 MiB written, sealed,
+   migrated (`migrate --now`) and reclaimed (the `reclaim` request of `tierfs zones
+   --reclaim`). The bytes appended to zones are the advance of the zones' write pointers, read
+   from the daemon's zone report polled every POLL_SECONDS (a pointer that moved back was
+   reset: what it shows then was written since the reset). Write amplification is those bytes
+   over the chunk data migrated (`migrated_bytes` of `tierfs status`), over the whole run and
+   over the churn rounds alone.
+
+Prints the tables and replaces the cold section of docs/benchmarks.md (appends it when there
+is none). `python -m tools.bench.run` runs it too, after the other parts. Needs root (FUSE
+`allow_other`, drop_caches); every mount it makes is unmounted and its work directory removed
+on every exit path, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tierfs import control
+from tierfs.datadir import DataDir
+from tierfs.errors import TierfsError
+from tools.bench import report, system, workloads
+from tools.bench.run import parse_size, remove_work_dir, work_parent
+from tools.bench.targets import REPO_ROOT, Floor, Native, Target, Tierfs
+
+log = logging.getLogger("tools.bench.cold")
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+MB = 1_000_000
+SECTION = "cold"
+DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
+DEFAULT_SIZE = 1 * GIB
+DEFAULT_ROUNDS = 30
+DEFAULT_SEED = 4
+DEFAULT_FILL = 0.50
+CHURN = 0.10
+FILE_MIN, FILE_MAX = 1 * MIB, 16 * MIB
+ZONE_MAX, ZONE_MIN = 64 * MIB, 4 * MIB
+MIN_ZONES = 32
+POLL_SECONDS = 0.1
+MIGRATION_SHARE = 0.60
+WA_LIMIT = 2.0
+WA_FILL = 0.50
+LONG_TIMEOUT = 3600.0
+MAX_STALLS = 100
+COLD_FULL = "cold store full"
+WIDTH = 95
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+Zones = list[dict[str, Any]]
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _fill(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 0.85:
+        raise argparse.ArgumentTypeError("the fill must be between 0.05 and 0.85")
+    return value
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench.cold",
+        description="Measure cold migration into zones and the write amplification of reclaim "
+        "on a tierfs mount with an emulated zoned device (needs root).",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=DEFAULT_SIZE,
+        help="data migrated, and the live volume of the churn (default 1G)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        default=DEFAULT_ROUNDS,
+        help=f"churn rounds of {CHURN * 100:.0f}%% of the files each (default "
+        f"{DEFAULT_ROUNDS}: the live volume rewritten three times)",
+    )
+    parser.add_argument(
+        "--fill",
+        type=_fill,
+        default=DEFAULT_FILL,
+        help="share of the zone capacity the live data fills (default 0.5)",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="file sizes and deletes")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where to make the temporary work directory (default: /var/tmp or /work)",
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+# -- the device and the mount --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """The emulated zoned device: `nr_zones` zones of `zone` bytes (capacity = size)."""
+
+    zone: int
+    nr_zones: int
+
+    @property
+    def size(self) -> int:
+        return self.zone * self.nr_zones
+
+    @property
+    def spec(self) -> str:
+        return f"emulated:{self.size // MIB}M:{self.zone // MIB}M"
+
+    @classmethod
+    def for_data(cls, size: int, fill: float) -> Device:
+        """Zones of up to 64 MiB, at least MIN_ZONES of them, `size` filling `fill` of them."""
+        wanted = size / fill
+        zone = ZONE_MAX
+        while zone > ZONE_MIN and wanted / zone < MIN_ZONES:
+            zone //= 2
+        return cls(zone, max(MIN_ZONES, math.ceil(wanted / zone)))
+
+    def describe(self) -> str:
+        return f"`{self.spec}` ({self.nr_zones} zones of {_size(self.zone)})"
+
+
+class ColdTierfs(Tierfs):
+    """The tierfs target, made with a zone device; control requests with arguments."""
+
+    def __init__(self, work_dir: Path, device: Device) -> None:
+        super().__init__(work_dir)
+        self.device = device
+
+    def start(self) -> None:
+        if not (self.data / "tierfs.toml").exists():
+            cmd = self._cli(
+                "mkfs", str(self.data), "--site", "bench", "--zone-device", self.device.spec
+            )
+            system.run_checked(cmd, "tierfs mkfs")
+        super().start()
+
+    def request(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        return control.request(DataDir(self.data).control_socket, cmd, timeout=timeout, **args)
+
+    def cold_status(self) -> dict[str, Any]:
+        cold: dict[str, Any] = self.request("status")["status"]["tiers"]["cold"]
+        return cold
+
+    def zones(self) -> Zones:
+        zones: Zones = self.request("zones")["zones"]
+        return zones
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the daemon's log, to say why a request failed."""
+        out = []
+        for name in ("tierfs.log", "daemon.stderr"):
+            with contextlib.suppress(OSError):
+                text = (DataDir(self.data).log_dir / name).read_text(errors="replace")
+                out += [f"--- {name}", *text.splitlines()[-lines:]]
+        return "\n".join(out)
+
+
+# -- bytes appended to zones -----------------------------------------------------------------
+
+
+class ZoneMeter:
+    """Bytes appended to the zones, from the write pointers of the daemon's zone report.
+
+    Each sample compares every zone's write pointer with the last one seen: an advance was
+    written (a FULL zone reports its capacity, so the unwritten tail of a zone finished early
+    counts too); a pointer that moved back means the zone was reset since, and what it shows
+    now was written after the reset. Samples are attributed to the step running when they
+    are taken ("migrate", "reclaim", or "background" for the daemon's own reclaim pass every
+    5 s); a poller thread samples every POLL_SECONDS so that a zone reset and written again
+    is seen in between. `resets_seen` is checked against the daemon's `zones_reset` counter:
+    a reset the polling missed would show there.
+    """
+
+    def __init__(self, fetch: Callable[[], Zones]) -> None:
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._last: dict[int, int] = {}
+        self.written: Counter[str] = Counter()
+        self.resets_seen = 0
+        self.samples = 0
+        self.tag = "background"
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        with self._lock:
+            for zone in self._fetch():
+                wp = zone["write_pointer"]
+                if wp is None:  # READONLY or OFFLINE: nothing is written any more
+                    continue
+                last = self._last.get(zone["zone"])
+                self._last[zone["zone"]] = wp
+                if last is None:
+                    continue
+                if wp >= last:
+                    self.written[self.tag] += wp - last
+                else:
+                    self.written[self.tag] += wp
+                    self.resets_seen += 1
+            self.samples += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.written.values())
+
+    def totals(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self.written)
+
+    @contextlib.contextmanager
+    def step(self, tag: str) -> Iterator[None]:
+        """Attribute what is written while the block runs to `tag`."""
+        self.sample()
+        with self._lock:
+            self.tag = tag
+        try:
+            yield
+        finally:
+            self.sample()
+            with self._lock:
+                self.tag = "background"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, name="zone-meter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self.sample()
+            except Exception as exc:  # the main thread reports it
+                self.error = exc
+                return
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def mixed_sizes(total: int, rng: random.Random) -> list[int]:
+    """File sizes drawn uniformly from 1 to 16 MiB, adding up to `total` (the last one cut)."""
+    sizes: list[int] = []
+    left = total
+    while left > 0:
+        size = min(left, rng.randrange(FILE_MIN, FILE_MAX + 1))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+@dataclasses.dataclass
+class FileSet:
+    """The files of the churn, by path, with their sizes."""
+
+    root: Path
+    sizes: dict[Path, int] = dataclasses.field(default_factory=dict)
+    made: int = 0
+
+    @property
+    def live(self) -> int:
+        return sum(self.sizes.values())
+
+    def write(self, data: bytes, sizes: Sequence[int]) -> float:
+        """Write files of `sizes`, back to back out of `data`, in 1 MiB writes; the seconds."""
+        view = memoryview(data)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        started = time.perf_counter()
+        pos = 0
+        for size in sizes:
+            path = self.root / f"f{self.made:06d}"
+            self.made += 1
+            fd = os.open(path, flags, 0o644)
+            try:
+                done = 0
+                while done < size:
+                    done += os.write(
+                        fd, view[pos + done : pos + min(size, done + workloads.IO_SIZE)]
+                    )
+            finally:
+                os.close(fd)
+            self.sizes[path] = size
+            pos += size
+        return time.perf_counter() - started
+
+    def delete(self, count: int, rng: random.Random) -> int:
+        """Unlink `count` files picked at random; the bytes they held."""
+        victims = rng.sample(sorted(self.sizes), min(count, len(self.sizes)))
+        for path in victims:
+            path.unlink()
+        return sum(self.sizes.pop(path) for path in victims)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """The timed `migrate --now` of the initial fill, and the sequential writes it is judged by."""
+
+    native_mbps: float
+    floor_mbps: float
+    seconds: float
+    migrated_bytes: int
+    migrated_chunks: int
+    zone_bytes: int
+    files: int
+
+    @property
+    def mbps(self) -> float:
+        return self.migrated_bytes / MB / max(self.seconds, 1e-9)
+
+    @property
+    def share(self) -> float:
+        return self.mbps / self.floor_mbps if self.floor_mbps else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """What one stretch of the run migrated and wrote to zones (bytes, by step)."""
+
+    label: str
+    migrated: int
+    written: Counter[str]
+    zones_reset: int
+    relocated_chunks: int
+    seconds: float
+    live_bytes: int
+    empty_zones: int
+    stalls: int = 0
+    stuck: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.written.values())
+
+    @property
+    def wa(self) -> float:
+        return self.total / self.migrated if self.migrated else math.nan
+
+    @staticmethod
+    def combine(label: str, rounds: Sequence[Round]) -> Round:
+        written: Counter[str] = Counter()
+        for r in rounds:
+            written.update(r.written)
+        return Round(
+            label,
+            sum(r.migrated for r in rounds),
+            written,
+            sum(r.zones_reset for r in rounds),
+            sum(r.relocated_chunks for r in rounds),
+            sum(r.seconds for r in rounds),
+            rounds[-1].live_bytes,
+            rounds[-1].empty_zones,
+            sum(r.stalls for r in rounds),
+            next((r.stuck for r in rounds if r.stuck), ""),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One run of the cold-tier benchmark."""
+
+    size: int
+    fill: float
+    seed: int
+    device: Device
+    migration: Migration
+    fill_round: Round
+    rounds: list[Round]
+    capacity: int
+    fill_live: int
+    churned: int
+    resets_seen: int
+    resets_counted: int
+    samples: int
+    machine: dict[str, str]
+    date: str
+    load_end: str
+
+    @property
+    def stopped(self) -> str:
+        """Why the churn stopped before its last round ("" if it did not)."""
+        return next((f"{r.label}: {r.stuck}" for r in self.rounds if r.stuck), "")
+
+    @property
+    def churn(self) -> Round | None:
+        return Round.combine("churn", self.rounds) if self.rounds else None
+
+    @property
+    def whole(self) -> Round:
+        return Round.combine("whole run", [self.fill_round, *self.rounds])
+
+
+def sequential_write(target: Target, data: bytes, size: int) -> float:
+    """MB/s of one file of `size` bytes in 1 MiB writes + fsync, on a started target."""
+    path = target.root / "sequential.bin"
+    system.drop_caches()
+    rate = workloads.seq_write(path, data, size)
+    path.unlink()
+    log.info("%s: sequential write %.1f MB/s", target.name, rate)
+    return rate
+
+
+def floor_writes(native: Native, floor: Floor, data: bytes, size: int) -> tuple[float, float]:
+    """The plain directory's and the floor's sequential write rates (MB/s)."""
+    native.start()
+    native_mbps = sequential_write(native, data, size)
+    floor.start()
+    try:
+        floor_mbps = sequential_write(floor, data, size)
+    finally:
+        floor.stop()
+    return native_mbps, floor_mbps
+
+
+class Bench:
+    """The measurements on one mounted tierfs with a cold tier."""
+
+    def __init__(self, fs: ColdTierfs, args: argparse.Namespace) -> None:
+        self.fs = fs
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.files = FileSet(fs.root / "churn")
+        self.meter = ZoneMeter(fs.zones)
+
+    def data(self, size: int, what: str) -> bytes:
+        return workloads.random_bytes(size, f"tierfs-bench cold {self.args.seed} {what}")
+
+    def fill(self, data: bytes, native_mbps: float, floor_mbps: float) -> tuple[Migration, Round]:
+        """Write and seal the initial files, then time their migration."""
+        self.files.root.mkdir()
+        sizes = mixed_sizes(self.args.size, self.rng)
+        seconds = self.files.write(data, sizes)
+        log.info("wrote %d files (%s) in %.1f s", len(sizes), _size(self.args.size), seconds)
+        self.fs.request("flush", timeout=LONG_TIMEOUT)
+        self.fs.drop_data_cache()
+        system.drop_caches()
+        self.meter.sample()
+        before = self.fs.cold_status()
+        with self.meter.step("migrate"):
+            started = time.perf_counter()
+            answer = self.fs.request("migrate", timeout=LONG_TIMEOUT, now=True)
+            self.fs.request("sync", timeout=LONG_TIMEOUT)
+            elapsed = time.perf_counter() - started
+        after = self.fs.cold_status()
+        migration = Migration(
+            native_mbps,
+            floor_mbps,
+            elapsed,
+            answer["migrated_bytes"],
+            answer["migrated_chunks"],
+            self.meter.total,
+            len(sizes),
+        )
+        log.info(
+            "migrated %d chunks (%.0f MiB) in %.2f s: %.1f MB/s, %.0f%% of the floor's write",
+            migration.migrated_chunks,
+            migration.migrated_bytes / MIB,
+            elapsed,
+            migration.mbps,
+            100 * migration.share,
+        )
+        return migration, self._round("fill", before, after, self.meter.totals(), elapsed)
+
+    def _round(
+        self,
+        label: str,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        written: Counter[str],
+        seconds: float,
+        stalls: int = 0,
+        stuck: str = "",
+    ) -> Round:
+        return Round(
+            label,
+            after["migrated_bytes"] - before["migrated_bytes"],
+            written,
+            after["zones_reset"] - before["zones_reset"],
+            after["relocated_chunks"] - before["relocated_chunks"],
+            seconds,
+            after["bytes"],
+            after["zones_empty"],
+            stalls,
+            stuck,
+        )
+
+    def migrate(self) -> int:
+        """`migrate --now`. When the zones are full (ColdFull: no EMPTY zone beyond the
+        reserve), send `reclaim` and try again, as the daemon's own pass waits for reclaim;
+        the number of such stalls. Raises Stuck when a reclaim frees nothing."""
+        stalls = 0
+        while True:
+            try:
+                with self.meter.step("migrate"):
+                    self.fs.request("migrate", timeout=LONG_TIMEOUT, now=True)
+                return stalls
+            except TierfsError as exc:
+                if COLD_FULL not in exc.message:
+                    raise
+                if stalls >= MAX_STALLS:
+                    raise Stuck(f"still full after {stalls} reclaims", stalls) from exc
+            stalls += 1
+            before = self.fs.cold_status()
+            with self.meter.step("reclaim"):
+                self.fs.request("reclaim", timeout=LONG_TIMEOUT)
+            after = self.fs.cold_status()
+            if all(after[k] == before[k] for k in ("zones_reset", "relocated_chunks")):
+                raise Stuck(
+                    f"migrate --now: cold store full, and reclaim reset and relocated nothing "
+                    f"({after['zones_empty']} empty zones, {_size(after['bytes'])} live)",
+                    stalls,
+                )
+            log.info(
+                "cold store full: reclaim reset %d zones and relocated %d chunks; migrating on",
+                after["zones_reset"] - before["zones_reset"],
+                after["relocated_chunks"] - before["relocated_chunks"],
+            )
+
+    def churn_round(self, number: int) -> Round:
+        """Delete ~CHURN of the files, write as many bytes anew, seal, migrate, reclaim."""
+        before, written = self.fs.cold_status(), self.meter.totals()
+        started = time.perf_counter()
+        count = max(1, round(CHURN * len(self.files.sizes)))
+        deleted = self.files.delete(count, self.rng)
+        sizes = mixed_sizes(deleted, self.rng)
+        data = self.data(deleted, f"round {number}")
+        self.files.write(data, sizes)
+        self.fs.request("flush", timeout=LONG_TIMEOUT)
+        stuck = ""
+        try:
+            stalls = self.migrate()
+        except Stuck as exc:
+            log.error("round %d: %s", number, exc)
+            stalls, stuck = exc.stalls, str(exc)
+        else:
+            with self.meter.step("reclaim"):
+                self.fs.request("reclaim", timeout=LONG_TIMEOUT)
+        elapsed = time.perf_counter() - started
+        after = self.fs.cold_status()
+        grown = self.meter.totals()
+        grown.subtract(written)
+        result = self._round(f"round {number}", before, after, +grown, elapsed, stalls, stuck)
+        log.info(
+            "round %d/%d: -%d +%d files (%s), migrated %s, zones written %s, %d resets, %d "
+            "chunks relocated, %d empty zones, %d stalls, WA %.2f, %.1f s",
+            number,
+            self.args.rounds,
+            count,
+            len(sizes),
+            _size(deleted),
+            _size(result.migrated),
+            _size(result.total),
+            result.zones_reset,
+            result.relocated_chunks,
+            result.empty_zones,
+            result.stalls,
+            result.wa,
+            elapsed,
+        )
+        return result
+
+
+class Stuck(Exception):
+    """Migration cannot go on: the zones are full and reclaim frees nothing."""
+
+    def __init__(self, message: str, stalls: int) -> None:
+        super().__init__(message)
+        self.stalls = stalls
+
+
+def measure(
+    args: argparse.Namespace, native: Native, floor: Floor, fs: ColdTierfs, machine: dict[str, str]
+) -> Outcome:
+    """Everything; the caller stops the targets and cleans up."""
+    log.info("generating %s of random data", _size(args.size))
+    data = workloads.random_bytes(args.size, f"tierfs-bench cold {args.seed} fill")
+    native_mbps, floor_mbps = floor_writes(native, floor, data, args.size)
+    bench = Bench(fs, args)
+    log.info("tierfs with a zone device %s", fs.device.spec)
+    fs.start()
+    try:
+        migration, fill_round = bench.fill(data, native_mbps, floor_mbps)
+        del data
+        capacity = sum(z["capacity"] for z in fs.zones())
+        fill_live = fs.cold_status()["bytes"]
+        log.info("live after the fill: %.1f%% of the zone capacity", 100 * fill_live / capacity)
+        resets_before = fs.cold_status()["zones_reset"]
+        rounds: list[Round] = []
+        bench.meter.start()
+        try:
+            for number in range(1, args.rounds + 1):
+                rounds.append(bench.churn_round(number))
+                if bench.meter.error is not None:
+                    raise RuntimeError(f"polling the zone report failed: {bench.meter.error}")
+                if rounds[-1].stuck:
+                    break
+        finally:
+            bench.meter.stop()
+        bench.meter.sample()
+        resets_counted = fs.cold_status()["zones_reset"] - resets_before
+    except Exception:
+        log.error("the daemon's log:\n%s", fs.log_tail())
+        raise
+    return Outcome(
+        size=args.size,
+        fill=args.fill,
+        seed=args.seed,
+        device=fs.device,
+        migration=migration,
+        fill_round=fill_round,
+        rounds=rounds,
+        capacity=capacity,
+        fill_live=fill_live,
+        churned=sum(r.migrated for r in rounds),
+        resets_seen=bench.meter.resets_seen,
+        resets_counted=resets_counted,
+        samples=bench.meter.samples,
+        machine=machine,
+        date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        load_end=_load(),
+    )
+
+
+# -- signals and cleanup ---------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+Handlers = dict[signal.Signals, Any]
+
+
+def _catch_signals() -> Handlers:
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (also when the suite runner, which
+    ignores them while it cleans up, calls us); the previous handlers, to restore."""
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum in SIGNALS:
+        signal.signal(signum, _interrupt)
+    return previous
+
+
+def cleanup(targets: Sequence[Target], work_dir: Path, previous: Handlers) -> None:
+    """Stop the targets, unmount whatever is left under the work dir and remove it; a second
+    Ctrl-C must not cut this short. Then the signal handlers are what they were."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        for target in targets:
+            if isinstance(target, Floor):
+                _end_floor_before_mount(target)
+        for target in reversed(targets):
+            try:
+                target.stop()
+            except Exception:
+                log.exception("stopping %s failed", target.name)
+        for mountpoint in system.mounts_under(work_dir):
+            system.fusermount_unmount(mountpoint, lazy=True)
+        remove_work_dir(work_dir)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _end_floor_before_mount(floor: Floor) -> None:
+    """A floor daemon interrupted before its mount came up never exits by itself, and
+    `Floor.stop` would wait a minute for it: ask it to end first (it unmounts if it has
+    mounted meanwhile)."""
+    proc = floor.proc
+    if proc is not None and proc.poll() is None and not system.is_mounted(floor.mountpoint):
+        proc.terminate()
+
+
+def run(args: argparse.Namespace) -> Outcome:
+    """The whole benchmark in a fresh work directory, removed again on every exit path."""
+    parent = work_parent(args.work_dir)
+    previous = _catch_signals()
+    work_dir = Path(tempfile.mkdtemp(prefix="tierfs-bench-cold-", dir=parent))
+    native, floor = Native(work_dir), Floor(work_dir)
+    fs = ColdTierfs(work_dir, Device.for_data(args.size, args.fill))
+    try:
+        log.info("work directory %s", work_dir)
+        if warning := system.busy_warning():
+            log.warning("%s", warning)
+        machine = {**system.machine(work_dir), **system.software(REPO_ROOT)}
+        return measure(args, native, floor, fs, machine)
+    finally:
+        cleanup([native, floor, fs], work_dir, previous)
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit, factor in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(n) >= factor:
+            return f"{n / factor:,.3g} {unit}" if n % factor else f"{n // factor:,.0f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.0f}" if abs(n) >= 100 * MIB else f"{n / MIB:,.1f}"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+MIGRATION_HEADER = ["Workload", "Unit", "Value", "vs floor", "vs native", "Target", "Met"]
+WA_HEADER = [
+    "Stretch",
+    "Rounds",
+    "Migrated MiB",
+    "Zones written MiB",
+    "... migrate",
+    "... reclaim",
+    "... background",
+    "Zones reset",
+    "Chunks relocated",
+    "Stalls (full)",
+    "Live MiB at end",
+    "Empty zones at end",
+    "WA",
+]
+
+
+def _row(
+    label: str, unit: str, value: str, floor: str = "-", native: str = "-", target: str = ""
+) -> list[str]:
+    return [label, unit, value, floor, native, target, ""]
+
+
+def migration_rows(outcome: Outcome) -> list[list[str]]:
+    m = outcome.migration
+    big = _size(outcome.size)
+    per_chunk = m.zone_bytes / m.migrated_bytes if m.migrated_bytes else math.nan
+    floor_native = m.floor_mbps / m.native_mbps if m.native_mbps else 0.0
+    migration = _row(
+        f"tierfs: migrate --now + sync, {m.files} files ({_size(m.migrated_bytes)} of chunks)",
+        "MB/s",
+        f"{m.mbps:,.0f}",
+        _pct(m.share),
+        _pct(m.mbps / m.native_mbps if m.native_mbps else 0.0),
+        f">= {MIGRATION_SHARE:.0%} of floor",
+    )
+    migration[-1] = _met(m.share >= MIGRATION_SHARE)
+    return [
+        _row(f"Native: sequential write {big}, 1 MiB I/O, fsync", "MB/s", f"{m.native_mbps:,.0f}"),
+        _row(
+            f"Floor: sequential write {big}, 1 MiB I/O, fsync",
+            "MB/s",
+            f"{m.floor_mbps:,.0f}",
+            native=_pct(floor_native),
+        ),
+        migration,
+        _row(
+            f"tierfs: the same, {m.migrated_chunks:,} chunks in {m.seconds:.2f} s",
+            "chunks/s",
+            f"{m.migrated_chunks / max(m.seconds, 1e-9):,.0f}",
+        ),
+        _row("tierfs: zone bytes written per chunk byte migrated", "ratio", f"{per_chunk:.3f}"),
+    ]
+
+
+def _pct(ratio: float) -> str:
+    return f"{math.floor(ratio * 100 + 1e-9)}%"
+
+
+def _span(rounds: Sequence[Round]) -> str:
+    first, last = rounds[0].label.split()[-1], rounds[-1].label.split()[-1]
+    return first if first == last else f"{first}-{last}"
+
+
+def _groups(rounds: Sequence[Round]) -> list[Round]:
+    """The churn rounds in (up to) three stretches, to show whether WA settles."""
+    if not rounds:
+        return []
+    per = math.ceil(len(rounds) / 3)
+    parts = [rounds[start : start + per] for start in range(0, len(rounds), per)]
+    return [Round.combine(_span(part), part) for part in parts]
+
+
+def wa_rows(outcome: Outcome) -> list[list[str]]:
+    stretches = [("fill", outcome.fill_round, "-")]
+    stretches += [("churn", r, r.label) for r in _groups(outcome.rounds)]
+    if outcome.rounds:
+        span = _span(outcome.rounds)
+        stretches.append(("churn, all rounds", Round.combine(span, outcome.rounds), span))
+        stretches.append(("whole run", outcome.whole, f"fill + {span}"))
+    return [
+        [
+            name,
+            rounds,
+            _mib(r.migrated),
+            _mib(r.total),
+            _mib(r.written["migrate"]),
+            _mib(r.written["reclaim"]),
+            _mib(r.written["background"]),
+            f"{r.zones_reset:,}",
+            f"{r.relocated_chunks:,}",
+            f"{r.stalls:,}",
+            _mib(r.live_bytes),
+            f"{r.empty_zones}",
+            f"{r.wa:.2f}",
+        ]
+        for name, r, rounds in stretches
+    ]
+
+
+def goals(outcome: Outcome) -> list[str]:
+    m, whole, churn = outcome.migration, outcome.whole, outcome.churn
+    at = f"{outcome.fill:.0%} fill"
+    lines = [
+        f"- migration at least {MIGRATION_SHARE:.0%} of the floor's sequential write: "
+        f"{'met' if m.share >= MIGRATION_SHARE else '**MISSED**'} "
+        f"({m.mbps:,.0f} MB/s, {_pct(m.share)} of {m.floor_mbps:,.0f} MB/s)"
+    ]
+    steady = f"; churn rounds alone {churn.wa:.2f}" if churn is not None else ""
+    if not math.isclose(outcome.fill, WA_FILL):
+        verdict = f"not measured (this run is at {at}; the target is at {WA_FILL:.0%})"
+    elif outcome.stopped:
+        verdict = f"**MISSED**: migration could not go on ({outcome.stopped})"
+    else:
+        verdict = "met" if whole.wa <= WA_LIMIT else "**MISSED**"
+    lines.append(
+        f"- write amplification at most {WA_LIMIT:.1f} at {WA_FILL:.0%} fill, over the whole "
+        f"run: {verdict} ({whole.wa:.2f} at {at}{steady})"
+    )
+    return lines
+
+
+def notes(outcome: Outcome) -> list[str]:
+    cpus = len(os.sched_getaffinity(0))
+    start = outcome.machine["Load average at start"]
+    busy = max(float(start.split()[0]), float(outcome.load_end.split()[0])) >= 0.5 * cpus
+    verdict = (
+        "other work competed for the same cores and disk, so figures can move by tens of "
+        "percent between runs"
+        if busy
+        else "the machine was otherwise quiet"
+    )
+    out = [
+        f"Load average {start} at the start and {outcome.load_end} at the end, on {cpus} "
+        f"CPUs: {verdict}.",
+        f"Live data after the fill: {_mib(outcome.fill_live)} MiB of records in "
+        f"{_mib(outcome.capacity)} MiB of zone capacity ({outcome.fill_live / outcome.capacity:.1%}"
+        "; records add a 64-byte header and padding to 4 KiB to each chunk frame).",
+        f"Churn: {_mib(outcome.churned)} MiB migrated in {len(outcome.rounds)} rounds, "
+        f"{outcome.churned / max(outcome.fill_live, 1):.1f} times the live volume.",
+    ]
+    stalls = [r for r in outcome.rounds if r.stalls]
+    if stalls:
+        out.append(
+            f"Stalls: in {len(stalls)} of {len(outcome.rounds)} rounds `migrate --now` failed "
+            f'with "{COLD_FULL}" (no EMPTY zone beyond the reserve), '
+            f"{sum(r.stalls for r in stalls)} times in all; each time the benchmark sent "
+            "`reclaim` and migrated again, as the daemon's own pass waits for reclaim. Their "
+            "zone writes are in the reclaim column."
+        )
+    churn = outcome.churn
+    if churn is not None and not churn.relocated_chunks:
+        out.append(
+            "Reclaim relocated nothing during the churn: it was too short to use up the EMPTY "
+            "zones (relocation starts below 4), so its WA shows only the record overhead. "
+            f"Run the default {DEFAULT_ROUNDS} rounds for a steady state."
+        )
+    if outcome.stopped:
+        out.append(f"**The churn stopped early, {outcome.stopped}.**")
+    if outcome.resets_seen == outcome.resets_counted:
+        out.append(
+            f"The zone report was sampled {outcome.samples:,} times during the churn; it saw "
+            f"every one of the {outcome.resets_counted} zone resets the daemon counted."
+        )
+    else:
+        out.append(
+            f"**The zone report was sampled {outcome.samples:,} times during the churn and "
+            f"saw {outcome.resets_seen} resets where the daemon counted "
+            f"{outcome.resets_counted}: a zone reset and written again between two samples "
+            "makes the zone bytes written an undercount.**"
+        )
+    return out
+
+
+def method(outcome: Outcome) -> list[str]:
+    return [
+        f"**Device:** {outcome.device.describe()}, made by `tierfs mkfs --zone-device` as a "
+        "sparse file in the tierfs data directory, on the disk of the work directory; "
+        f"`--size` of data fills {outcome.fill:.0%} of its zone capacity. Every other setting "
+        "is tierfs's default (2 reserve zones, relocation of zones at least 25 % garbage "
+        "when fewer than 4 are empty, the daemon's own migration and reclaim pass every 5 s).",
+        f"**Migration:** {_size(outcome.size)} of random data (BLAKE3 output, made before any "
+        "clock starts) written as files of 1 to 16 MiB (seeded), sealed with the `flush` "
+        "control request, then the daemon's chunk cache and the kernel's caches dropped. The "
+        "time is that of the `migrate` request `tierfs migrate --now` sends (it seals nothing "
+        "more here and moves every chunk with a hot copy into zones; each batch is flushed to "
+        "the device before its new locations are committed) plus a `sync` request (the commit "
+        "durable), both sent from the benchmark process. MB/s is chunk data moved "
+        "(`migrated_bytes`; the data is incompressible, so about the file bytes) per second; "
+        "MB is 10^6 bytes.",
+        "**Sequential write (the yardstick):** one file of the same size and data, written "
+        "with 1 MiB writes and fsync into a plain directory (native) and through the pyfuse3 "
+        "floor of the main suite (`tools/bench/passthrough.py`), on the same disk in the same "
+        "run, after `sync` and drop_caches.",
+        f"**Churn:** each round deletes {CHURN:.0%} of the files (a seeded random pick), "
+        "writes as many bytes of new files of 1 to 16 MiB (new random data), and sends "
+        "`flush`, `migrate` (`--now`) and `reclaim` (what `tierfs zones --reclaim` sends: two "
+        "passes of resetting empty zones and relocating the dirtiest one, with a metadata "
+        "sync before each).",
+        "**Zones written:** the advance of every zone's write pointer in the daemon's zone "
+        f"report (`tierfs zones --json`), polled every {POLL_SECONDS:g} s during the churn "
+        "and read before and after each request; a pointer that moved back was reset, and "
+        "what it shows then was written since. It counts record headers and padding, and a "
+        "zone finished early (when the next record does not fit, or to free an active zone) "
+        "counts its unwritten tail, as a FULL zone's pointer is its capacity: an upper bound "
+        "of the bytes written, and exactly the capacity used until the next reset. Split by "
+        "the request running when the pointer moved: migrate, reclaim, or background (the "
+        "daemon's own reclaim pass).",
+        "**Write amplification (WA):** zones written over chunk data migrated "
+        "(`migrated_bytes` of `tierfs status --json`, tiers.cold), over the whole run (the "
+        "fill included, as the issue defines it) and over the churn rounds alone. 1.00 means "
+        "no relocation and no overhead.",
+    ]
+
+
+def _bullets(items: Sequence[str]) -> str:
+    return "\n".join(
+        textwrap.fill(item, WIDTH, initial_indent="- ", subsequent_indent="  ") for item in items
+    )
+
+
+MACHINE_KEYS = (
+    "CPUs (nproc)",
+    "Memory",
+    "Kernel",
+    "Work dir filesystem",
+    "Load average at start",
+    "Python",
+    "tierfs",
+)
+
+
+def section(outcome: Outcome, command: str) -> str:
+    """The cold section of docs/benchmarks.md, between its markers."""
+    machine = {k: outcome.machine[k] for k in MACHINE_KEYS if k in outcome.machine}
+    begin, end = report.markers(SECTION)
+    return f"""\
+{begin}
+## Cold tier: migration into zones and reclaim
+
+`python -m tools.bench.cold` (also run by `python -m tools.bench.run`) mounts a fresh tierfs
+whose cold tier is an emulated zoned device, times the migration of its data into zones against
+a plain sequential write, then churns the files and measures the write amplification of zone
+reclaim. Options: `--size` (default 1 GiB), `--rounds` (default {DEFAULT_ROUNDS}), `--fill`
+(default {DEFAULT_FILL}), `--seed`, `--work-dir`, `--output`, `--no-write`. It needs root.
+
+- **Date:** {outcome.date}
+- **Command:** `{command}`
+
+{_bullets(method(outcome))}
+
+### Machine
+
+{report.markdown_list(machine)}
+
+### Migration
+
+{report.markdown_table(migration_rows(outcome), MIGRATION_HEADER)}
+
+### Reclaim write amplification
+
+{report.markdown_table(wa_rows(outcome), WA_HEADER)}
+
+### Targets met
+
+{chr(10).join(goals(outcome))}
+
+### Notes
+
+{_bullets(notes(outcome))}
+{end}"""
+
+
+def print_tables(outcome: Outcome) -> None:
+    print("Cold tier: migration")
+    print(report.text_table(migration_rows(outcome), MIGRATION_HEADER))
+    print()
+    print("Cold tier: reclaim write amplification")
+    print(report.text_table(wa_rows(outcome), WA_HEADER))
+    print()
+    print("\n".join(goals(outcome)))
+
+
+def update_document(path: Path, cold_section: str) -> None:
+    """Replace (or append) the cold section, leaving the rest of the file as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.with_section(text, SECTION, cold_section))
+    log.info("wrote the cold section of %s", path)
+
+
+def command(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", "tools.bench.cold", *argv])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if os.geteuid() != 0:
+        log.error("needs root: dropping caches and FUSE allow_other (as tierfs uses it)")
+        return 2
+    try:
+        outcome = run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted; unmounted and cleaned up")
+        return 130
+    print_tables(outcome)
+    if not args.no_write:
+        update_document(args.output, section(outcome, command(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
