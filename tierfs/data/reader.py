@@ -115,7 +115,6 @@ class FileReader:
         self._window[ino] = (window, max(done, stop))
         if start >= stop:
             return
-        spans: dict[int, tuple[int, int]] = {}
         for ext in self.extents.overlapping(ino, start, stop):
             if ext.chunk_id in self._loading or ext.chunk_id in self._prefetching:
                 continue
@@ -129,17 +128,6 @@ class FileReader:
             piece = ChunkPiece(0, 0, ext.chunk_id, 0, seg, off, record.frame_len, tier)
             self._prefetching.add(ext.chunk_id)
             self.prefetch.start_soon(self._prefetch_one, ino, piece)
-            if tier == TIER_HOT:
-                lo, hi = spans.get(seg, (off, off))
-                spans[seg] = (min(lo, off), max(hi, off + record.frame_len))
-        for seg, (lo, hi) in spans.items():
-            self.prefetch.start_soon(self._will_need, seg, lo, hi - lo)
-
-    async def _will_need(self, seg: int, offset: int, length: int) -> None:
-        """Ask the kernel to read a window's frames in now, all at once: the loads (a few
-        at a time) then find them in the page cache instead of each waiting for the disk."""
-        with contextlib.suppress(OSError):
-            await trio.to_thread.run_sync(self.hot.will_need, seg, offset, length)
 
     async def _prefetch_one(self, ino: int, piece: ChunkPiece) -> None:
         """Load one chunk ahead of a reader. Failures are already logged and counted by

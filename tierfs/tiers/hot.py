@@ -122,11 +122,6 @@ class HotStore:
         with self._using(seg) as fd:
             return os.pread(fd, length, offset)
 
-    def will_need(self, seg: int, offset: int, length: int) -> None:
-        """Start reading a range of a segment into the page cache (worker thread)."""
-        with self._using(seg) as fd:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-
     def punch(self, seg: int, offset: int, length: int) -> None:
         """Give back the whole blocks of a dead frame (worker thread)."""
         try:
