@@ -233,3 +233,29 @@ def test_fsck_checks_and_repairs_zone_live_bytes(cold_fs: Mount) -> None:
     assert found.returncode != 0 and "live bytes recorded" in found.stdout
     run_cli("fsck", cold_fs.data, "--repair")
     assert run_cli("fsck", cold_fs.data).returncode == 0
+
+
+def test_promote_on_read_brings_chunks_back_to_the_hot_tier(
+    tmp_path: Path, cold_data: Path
+) -> None:
+    configure(cold_data, cold__promote_on_read=True)
+    with mounted(tmp_path, cold_data) as m:
+        data = random_bytes(2 * MiB, 11)
+        (m.mnt / "f").write_bytes(data)
+        run_cli("migrate", m.mnt, "--now")
+        cold_bytes = status(m)["tiers"]["cold"]["bytes"]
+        drop_caches(m)
+        assert (m.mnt / "f").read_bytes() == data
+        deadline = time.monotonic() + 30
+        while status(m)["tiers"]["cold"]["promoted_chunks"] == 0:
+            assert time.monotonic() < deadline, "nothing promoted"
+            time.sleep(0.5)
+        doc = status(m)
+        assert doc["tiers"]["hot"]["stored_bytes"] > 0
+        assert doc["tiers"]["cold"]["bytes"] < cold_bytes
+        drop_caches(m)
+        assert (m.mnt / "f").read_bytes() == data
+        m.umount()
+        assert run_cli("fsck", m.data).returncode == 0
+        m.mount()
+        assert (m.mnt / "f").read_bytes() == data

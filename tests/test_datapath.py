@@ -298,3 +298,26 @@ def test_rewriting_sealed_bytes_with_the_same_content_loses_nothing(
         assert (fs.mnt / "a").read_bytes() == a
         fs.umount()
         assert run_cli("fsck", fs.data).returncode == 0
+
+
+def test_a_long_sequential_write_is_sealed_behind_its_writer(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """With seal.stream_behind_mb set, an open file written front to back is sealed while
+    it is written; the bytes sealed and the bytes still staged read back the same."""
+    configure(data_dir, seal__stream_behind_mb=2, seal__batch_mb=2)
+    with mounted(tmp_path, data_dir) as m:
+        data = os.urandom(12 << 20)
+        with (m.mnt / "stream").open("wb") as f:
+            for i in range(0, len(data), 1 << 20):
+                f.write(data[i : i + (1 << 20)])
+                f.flush()
+            deadline = time.monotonic() + 20
+            while status(m)["seal"]["sealed_bytes"] < 4 << 20:
+                assert time.monotonic() < deadline, "nothing sealed behind the open writer"
+                time.sleep(0.1)
+            f.write(b"tail")
+        assert (m.mnt / "stream").read_bytes() == data + b"tail"
+        run_cli("flush", m.mnt)
+        m.remount()
+        assert (m.mnt / "stream").read_bytes() == data + b"tail"

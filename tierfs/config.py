@@ -151,9 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
         "seal",
         "stream_behind_mb",
         int,
-        64,
+        0,
         "A file being written sequentially is sealed behind its writer once this much of it\n"
-        "# lies behind the write position, while it is still open (0: wait for the close).",
+        "# lies behind the write position, while it is still open (0, the default: at the\n"
+        "# close; on few cores sealing behind a writer slows it, see docs/benchmarks.md).",
         0,
     ),
     Setting(
@@ -326,6 +327,14 @@ SETTINGS: tuple[Setting, ...] = (
         2,
         "Empty zones kept back for reclaim (relocating live records out of dirty zones).",
         1,
+    ),
+    Setting(
+        "cold",
+        "promote_on_read",
+        bool,
+        False,
+        "Copy chunks read from zones back to the hot tier (in the background). Zones read\n"
+        "# about as fast as the hot tier on NVMe, so this mostly trades writes for locality.",
     ),
     Setting(
         "cold",

@@ -264,6 +264,8 @@ def open_daemon(
         config.get("staging", "reserve_mb") << 20,
     )
     reader.cold = cold
+    if cold is not None:
+        cold.append_hot = sealer.append_frames
     return Daemon(
         data_dir,
         mountpoint,
@@ -303,6 +305,7 @@ def _open_cold(
         batch_bytes=config.get("cold", "batch_mb") << 20,
         reserve_zones=config.get("cold", "reserve_zones"),
         min_garbage=config.get("cold", "min_garbage"),
+        promote_on_read=config.get("cold", "promote_on_read"),
         hot_room=hot_max,
     )
     return ColdTier(store, chunks, hot, device, policy, io_limiter)

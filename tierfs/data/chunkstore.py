@@ -113,6 +113,14 @@ class ChunkIndex:
         if self._segment_delta(tx, seg, -length, -1):
             self._queue_free(tx, seg, 0, -1)
 
+    def queue_free(self, tx: Any, seg: int, offset: int, length: int) -> None:
+        """Give back a frame that no chunk record ever pointed at (once this is durable)."""
+        self._queue_free(tx, seg, offset, length)
+
+    def add_segment_frame(self, tx: Any, seg: int, length: int) -> None:
+        """A frame written into an existing segment became live (promotion)."""
+        self._segment_delta(tx, seg, length, 1)
+
     def _queue_free(self, tx: Any, seg: int, offset: int, length: int) -> None:
         self.pending_frees.append(PendingFree(self.store.commits, seg, offset, length))
         tx.put(_free_key(seg, offset), _I64.pack(length), db=self.store.frees)

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -36,8 +36,8 @@ from tierfs.data.chunkstore import ChunkIndex
 from tierfs.meta import schema
 from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord, SegmentRecord, ZoneRecord
 from tierfs.meta.store import MetaStore
-from tierfs.tiers.cold.errors import AppendError, ColdError, ColdFull
-from tierfs.tiers.cold.reader import read_chunk, scan_zone
+from tierfs.tiers.cold.errors import AppendError, ColdError, ColdFull, RecordError
+from tierfs.tiers.cold.reader import read_chunk, read_record, scan_zone
 from tierfs.tiers.cold.reclaim import Reclaimer, ZoneUsage
 from tierfs.tiers.cold.record import Location, record_len
 from tierfs.tiers.cold.zones import Lifetime, ZoneAllocator
@@ -48,6 +48,9 @@ from tierfs.tiers.zns.model import SECTOR, Cond
 log = logging.getLogger(__name__)
 
 SCAN_SLICE = 4096  # chunk records looked at per step of a migration scan (no await inside)
+PROMOTE_QUEUE_MAX = 4096
+PROMOTE_BATCH = 256
+AppendHot = Callable[[list[bytes], Callable[[Any, list[Any]], None]], Awaitable[None]]
 
 
 @dataclasses.dataclass
@@ -59,6 +62,7 @@ class ColdPolicy:
     reserve_zones: int = 2
     min_garbage: float = 0.25
     interval: float = 5.0
+    promote_on_read: bool = False
     hot_room: int = 0  # bytes the hot tier may use (hot.max_mb, else the data directory's size)
 
 
@@ -67,6 +71,7 @@ class ColdCounters:
     migrated_chunks: int = 0
     migrated_bytes: int = 0
     relocated_chunks: int = 0
+    promoted_chunks: int = 0
     zones_reset: int = 0
     migration_read_errors: int = 0
 
@@ -96,6 +101,8 @@ class ColdTier:
         self.segment_reads: dict[int, float] = {}
         self.mounted_at = time.time()
         self.counters = ColdCounters()
+        self.promote_queue: dict[bytes, tuple[int, int]] = {}
+        self.append_hot: AppendHot | None = None
         chunks.cold_free = self._on_free
 
     # -- the index side ----------------------------------------------------------------
@@ -131,6 +138,12 @@ class ColdTier:
         """A chunk was loaded from hot segment `seg`: the segment is not cold."""
         self.segment_reads[seg] = time.time()
 
+    def note_cold_read(self, chunk_id: bytes, zone: int, offset: int) -> None:
+        """A chunk was loaded from a zone: with `promote_on_read`, queue it for the hot tier
+        (bounded; promotion is a background copy, never on the read's path)."""
+        if self.policy.promote_on_read and len(self.promote_queue) < PROMOTE_QUEUE_MAX:
+            self.promote_queue[chunk_id] = (zone, offset)
+
     def pin(self, zone: int) -> contextlib.AbstractContextManager[None]:
         return self.usage.pin(zone)
 
@@ -145,7 +158,7 @@ class ColdTier:
         is logged and retried, it never stops the mount."""
         while True:
             await trio.sleep(self.policy.interval)
-            for step in (self._migrate_due, self.reclaim):
+            for step in (self._migrate_due, self.promote, self.reclaim):
                 try:
                     await step()
                 except ColdFull as exc:
@@ -318,6 +331,73 @@ class ColdTier:
             self.counters.migrated_bytes += frame_len
         if added:
             log.info("cold tier: %d chunks migrated to zones", len(added))
+
+    # -- promotion ---------------------------------------------------------------------
+
+    async def promote(self) -> None:
+        """Copy the queued hot-again chunks back to the hot tier: their frames are read from
+        their records (zones pinned), appended to a hot segment in turn with the sealer, and
+        one operation moves each chunk still at that record to its new frame; the record
+        becomes garbage once that is durable."""
+        if not self.promote_queue or self.append_hot is None:
+            return
+        queued = list(self.promote_queue.items())[:PROMOTE_BATCH]
+        for chunk_id, _ in queued:
+            del self.promote_queue[chunk_id]
+        items = []
+        zones = set()
+        for chunk_id, (zone, offset) in queued:
+            record = self.chunks.get(chunk_id)
+            if record is not None and record.cold_location() == (zone, offset):
+                items.append((chunk_id, record))
+                zones.add(zone)
+        if not items:
+            return
+        with contextlib.ExitStack() as pins:
+            for zone in zones:
+                pins.enter_context(self.usage.pin(zone))
+            frames = await trio.to_thread.run_sync(
+                self._read_records, items, limiter=self.io_limiter
+            )
+        readable = [(item, f) for item, f in zip(items, frames, strict=True) if f is not None]
+        if readable:
+            await self.append_hot(
+                [f for _, f in readable],
+                lambda tx, placed: self._install_promoted(tx, [i for i, _ in readable], placed),
+            )
+
+    def _read_records(self, items: list[tuple[bytes, ChunkRecord]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for chunk_id, record in items:
+            where = record.cold_location()
+            assert where is not None
+            try:
+                loc = self.location(where[0], where[1], record.frame_len)
+                out.append(read_record(self.device, loc, chunk_id))
+            except (ColdError, RecordError, OSError) as exc:
+                log.warning("chunk %s: not promoted: %s", chunk_id.hex()[:16], exc)
+                out.append(None)
+        return out
+
+    def _install_promoted(
+        self, tx: Any, items: list[tuple[bytes, ChunkRecord]], placed: list[Any]
+    ) -> None:
+        """In the sealer's operation: chunks still at their record now live in their new
+        hot frame; a frame whose chunk moved or went meanwhile is freed again."""
+        for (chunk_id, was), p in zip(items, placed, strict=True):
+            record = self.chunks.get(chunk_id, tx)
+            cold = record.cold_location() if record is not None else None
+            if record is None or cold is None or cold != was.cold_location():
+                self.chunks.queue_free(tx, p.seg, p.offset, p.frame_len)
+                continue
+            loc = self.location(cold[0], cold[1], record.frame_len)
+            record.locations = [x for x in record.locations if x[0] != TIER_COLD]
+            record.locations.append((TIER_HOT, p.seg, p.offset))
+            self.chunks.put(tx, chunk_id, record)
+            self.chunks.add_segment_frame(tx, p.seg, record.frame_len)
+            self._zone_delta(tx, loc.zone, 0, -loc.length)
+            self.usage.remove(loc, self.store.commits)
+            self.counters.promoted_chunks += 1
 
     # -- reclaim -----------------------------------------------------------------------
 

@@ -214,8 +214,11 @@ class FileReader:
         finally:
             del self._loading[p.chunk_id]
             event.set()
-        if p.tier == TIER_HOT and self.cold is not None:
-            self.cold.note_read(p.seg)
+        if self.cold is not None:
+            if p.tier == TIER_HOT:
+                self.cold.note_read(p.seg)
+            else:
+                self.cold.note_cold_read(p.chunk_id, p.seg, p.frame_off)
         self.cache.put(p.chunk_id, data)
         return data
 

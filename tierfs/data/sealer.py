@@ -32,12 +32,14 @@ import enum
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from tierfs.crashpoints import crash_point
+from tierfs.data import frame
 from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex, PendingFree
 from tierfs.data.extents import Extent, ExtentMap
@@ -64,7 +66,7 @@ class SealPolicy:
     max_dirty_age: float = 300.0
     staging_high_bytes: int = 1 << 30
     batch_bytes: int = 64 << 20
-    stream_behind_bytes: int = 64 << 20
+    stream_behind_bytes: int = 0
     zstd_level: int = 3
     hot_max_bytes: int = 0
     idle_delay: float = 0.5
@@ -396,6 +398,33 @@ class Sealer:
         self._inflight_new -= batch.new_ids
         batch.drop_data()
         self._arenas.give(batch.arena)
+
+    async def append_frames(
+        self, frames: list[bytes], install: Callable[[Any, list[Placed]], None]
+    ) -> None:
+        """Append whole chunk frames to the hot tier (promotion from the cold tier), in turn
+        with the seal rounds' store stages; then one operation records the segment's new end
+        and runs `install(tx, placed)`, which must account for every frame."""
+        await self._slots.acquire()
+        previous, stored = self._last_stored, trio.Event()
+        self._last_stored = stored
+        try:
+            await previous.wait()
+            encoded = []
+            for data in frames:
+                info = frame.parse_header(data)
+                encoded.append(Encoded(info.chunk_id, [data], len(data), info.raw_len, info.codec))
+            placed = await self._append(encoded)
+            with self.store.op() as tx:
+                if placed:
+                    seg = self.chunks.segment(placed[0].seg, tx)
+                    if seg is not None:
+                        seg.end = self.hot.tail
+                        self.chunks.put_segment(tx, placed[0].seg, seg)
+                install(tx, placed)
+        finally:
+            stored.set()
+            self._slots.release()
 
     async def _append(self, frames: list[Encoded]) -> list[Placed]:
         if not frames:
