@@ -443,7 +443,8 @@ def _final_commit(daemon: Daemon) -> None:
     daemon.durability.commit()
     store.sync_meta()
     store.durable_commits = store.commits
-    daemon.ns.staging.release_durable(store.durable_commits)
+    staging = daemon.ns.staging
+    staging.unsynced_dirs |= staging.unlink_files(staging.release_durable(store.durable_commits))
     daemon.sealer.free_durable_now()
     # The removals just made must be durable before the index says "clean": a clean index
     # skips the scan for stray staging files at the next mount.

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import stat
 import struct
 from collections.abc import Callable, Iterator
@@ -127,6 +128,9 @@ class Filesystem(Protocol):
     def statfs(self) -> os.statvfs_result: ...
 
 
+STOP_POLL = 0.2  # seconds
+
+
 class Stop(Exception):
     """Raised by a signal handler to leave the request loop while it waits for a request."""
 
@@ -176,6 +180,8 @@ class FuseServer:
 
     def mount(self) -> None:
         self.fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
         options = (
             f"fd={self.fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},"
             "default_permissions"
@@ -203,6 +209,11 @@ class FuseServer:
                 self.waiting = True
                 if self.stopping:
                     return
+                # A signal that lands after the check above but before the read blocks
+                # runs its handler only once the read returns: poll with a timeout so that
+                # such a stop is seen within STOP_POLL seconds instead of never.
+                if not self._poll.poll(STOP_POLL * 1000):
+                    continue
                 request = os.read(self.fd, BUFFER_SIZE)
             except Stop:
                 return

@@ -74,7 +74,11 @@ class Durability:
             due = time.monotonic() - self._last_commit >= self.interval
             if self.store.pending_ops >= self.max_ops or (due and self._has_changes()):
                 self.commit()
-            self.ns.staging.release_durable(self.store.durable_commits)
+            unlinks = self.ns.staging.release_durable(self.store.durable_commits)
+            if unlinks:
+                self.ns.staging.unsynced_dirs |= await trio.to_thread.run_sync(
+                    self.ns.staging.unlink_files, unlinks, limiter=self.io_limiter
+                )
 
     def _has_changes(self) -> bool:
         return self.store.pending_ops > 0 or bool(self.ns.staging.changed)

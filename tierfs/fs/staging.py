@@ -269,13 +269,15 @@ class Staging:
                 kept.append((commit, end, b))
         self._deferred[ino] = kept
 
-    def release_durable(self, durable_commits: int) -> None:
-        """Carry out deferred punches and removals whose commit is durable (trio thread).
+    def release_durable(self, durable_commits: int) -> list[str]:
+        """Carry out deferred punches whose commit is durable (trio thread), and return the
+        staging files whose removal is now due, for `unlink_files`.
 
         Bytes staged again since are kept, adjacent ranges are punched as one (so blocks
         straddling two sealed chunks go too), and an inode being sealed right now is left
         for a later call.
         """
+        unlinks: list[str] = []
         ready_inos = [
             ino
             for ino, items in self._deferred.items()
@@ -289,17 +291,24 @@ class Staging:
             later = [(c, a, b) for c, a, b in items if c >= durable_commits]
             if later:
                 self._deferred[ino] = later
-            bucket = self.root / f"{ino & 0xFF:02x}"
             for gen, b in ready:
-                if b == _REMOVE_GENERATION and self._unlink(self.path_str(ino, gen)):
-                    self.unsynced_dirs.add(bucket)
+                if b == _REMOVE_GENERATION:
+                    unlinks.append(self.path_str(ino, gen))
             removals = [gen for gen, b in ready if b == _REMOVE_FILE]
             if removals:
-                if self._unlink(self.path_str(ino, removals[0])):
-                    self.unsynced_dirs.add(bucket)
+                unlinks.append(self.path_str(ino, removals[0]))
                 self.generation.pop(ino, None)
                 continue
             self._punch_unstaged(ino, RangeSet([(a, b) for a, b in ready if b >= 0]))
+        return unlinks
+
+    @classmethod
+    def unlink_files(cls, paths: list[str]) -> set[Path]:
+        """Remove staging files release_durable handed out, and return their buckets, to be
+        fsynced with the next sync (`unsynced_dirs`, trio thread). Runs in a worker thread:
+        after many deletions these are thousands of unlinks, which must not stall the FUSE
+        loop. Their names are never used again (an inode number, a generation)."""
+        return {Path(os.path.dirname(path)) for path in paths if cls._unlink(path)}
 
     @staticmethod
     def _fsync_dir(path: Path) -> None:

@@ -161,12 +161,7 @@ def open_device(spec: DeviceSpec, cold_dir: Path) -> ZonedDevice:
     if spec.kind == "zonefs":
         return ZonefsDevice(Path(spec.arg))
     if spec.kind == "block":
-        ZonedBlockDevice(Path(spec.arg)).close()  # a device without zones is refused (exit 3)
-        raise TierfsError(
-            f"{spec.arg}: zoned block devices are probed but not yet written by tierfs; "
-            "use zonefs:DIR on it instead",
-            ExitCode.CONFIG,
-        )
+        return ZonedBlockDevice(Path(spec.arg))  # a device without zones is refused (exit 3)
     raise TierfsError("no cold tier configured (cold.device is empty)", ExitCode.CONFIG)
 
 
