@@ -37,7 +37,8 @@ setup-test: deb-packages $(VENV)/.installed-test
 
 run: setup
 	@mkdir -p $(DEMO)/mnt
-	@[ -f $(DEMO)/data/tierfs.toml ] || $(BIN)/tierfs mkfs $(DEMO)/data --site demo
+	@[ -f $(DEMO)/data/tierfs.toml ] || $(BIN)/tierfs mkfs $(DEMO)/data --site demo \
+		--regional file://$(abspath $(DEMO))/region
 	@if $(BIN)/python -m tierfs.datadir --is-mounted $(DEMO)/mnt; then \
 		echo "already mounted at $(DEMO)/mnt"; \
 	else \
@@ -48,6 +49,7 @@ run: setup
 	@echo "tierfs is mounted at $(DEMO)/mnt (data directory $(DEMO)/data). Try:"
 	@echo "  cp -r /etc $(DEMO)/mnt/ && ls $(DEMO)/mnt/etc"
 	@echo "  $(BIN)/tierfs status $(DEMO)/mnt"
+	@echo "  $(BIN)/tierfs snapshot create $(DEMO)/mnt && $(BIN)/tierfs sync $(DEMO)/mnt --wait"
 	@echo "Unmount with:"
 	@echo "  $(BIN)/tierfs umount $(DEMO)/mnt"
 

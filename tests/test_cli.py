@@ -131,7 +131,8 @@ def test_status_json_from_mountpoint_and_data_dir(fs: Mount) -> None:
         doc["chunks"]
     )
     assert doc["queue"]["pending_bytes"] == 0
-    assert doc["snapshots"] == {"count": 0, "latest": None}
+    assert doc["snapshots"]["count"] == 0 and doc["snapshots"]["latest"] is None
+    assert doc["upstream"]["url"] is None  # mkfs without --regional
     assert isinstance(doc["errors"], dict)
     same = json.loads(run_cli("status", fs.data, "--json").stdout)
     assert same["logical_bytes"] == 10000

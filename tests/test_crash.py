@@ -51,7 +51,17 @@ def _rig(tmp_path: Path, data: Path, settings: dict[str, object]) -> Iterator[Ri
 def rig(tmp_path: Path) -> Iterator[Rig]:
     """A mounted tierfs that commits only on fsync and unmount, with a small zone device."""
     data = tmp_path / "data"
-    run_cli("mkfs", data, "--site", "test-site", "--zone-device", COLD_SMALL_DEVICE)
+    region = f"file://{tmp_path / 'region'}"
+    run_cli(
+        "mkfs",
+        data,
+        "--site",
+        "test-site",
+        "--zone-device",
+        COLD_SMALL_DEVICE,
+        "--regional",
+        region,
+    )
     yield from _rig(tmp_path, data, POINT_SETTINGS)
 
 

@@ -81,7 +81,10 @@ def rig(tmp_path: Path, layer: LayerProcess) -> Iterator[Rig]:
     """tierfs mounted on a data directory in the layer, committing only on fsync and unmount.
 
     mkfs ran before the layer started, so the empty filesystem is durable."""
-    yield from _rig(tmp_path, layer, POINT_SETTINGS, "--zone-device", COLD_SMALL_DEVICE)
+    region = f"file://{tmp_path / 'region'}"  # off the layer: the power cut spares it
+    yield from _rig(
+        tmp_path, layer, POINT_SETTINGS, "--zone-device", COLD_SMALL_DEVICE, "--regional", region
+    )
 
 
 @pytest.fixture(params=sorted(RANDOM_SETTINGS))

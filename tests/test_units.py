@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from tierfs import config
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta.records import Inode, decode_staged, encode_staged
+from tierfs.snap.schedule import Schedule
 
 ops = st.lists(
     st.one_of(
@@ -83,3 +86,39 @@ def test_rangeset_remove_and_intersect(
     assert inside == model & window
     ranges.remove(start, start + length)
     assert {x for s, e in ranges.as_list() for x in range(s, e)} == model - window
+
+
+def test_schedule_tables_are_checked_and_replace_the_defaults() -> None:
+    cfg = config.parse(
+        {"schedule": {"critical": {"paths": ["/db"], "every": 600, "keep_last": 3}}}, "t"
+    )
+    assert cfg.schedules == (
+        Schedule("nightly", ("/",), at="02:00", keep_last=7),
+        Schedule("critical", ("/db",), every=600.0, keep_last=3),
+    )
+    assert config.parse({}, "t").schedules[0].name == "critical"
+    for bad in (
+        {"paths": "/db", "every": 60},
+        {"paths": ["db"], "every": 60},
+        {"paths": ["/"], "every": 60, "at": "02:00"},
+        {"paths": ["/"], "at": "25:00"},
+        {"paths": ["/"], "every": 60, "keep_last": 0},
+        {"paths": ["/"], "every": 60, "colour": "red"},
+    ):
+        with pytest.raises(TierfsError) as exc:
+            config.parse({"schedule": {"x": bad}}, "t")
+        assert exc.value.exit_code == ExitCode.CONFIG, bad
+    rendered = config.render(cfg)
+    assert config.parse(tomllib.loads(rendered), "t").schedules == cfg.schedules
+
+
+def test_schedule_due_times() -> None:
+    every = Schedule("e", ("/",), every=900.0)
+    assert every.next_due(None, 1000.0) == 1000.0
+    assert every.next_due(5000.0, 9999.0) == 5900.0
+    daily = Schedule("d", ("/",), at="02:00")
+    noon = datetime.datetime(2026, 12, 7, 12, 0).timestamp()
+    due = datetime.datetime.fromtimestamp(daily.next_due(noon, noon))
+    assert (due.day, due.hour, due.minute) == (8, 2, 0)
+    early = datetime.datetime(2026, 12, 7, 1, 0).timestamp()
+    assert datetime.datetime.fromtimestamp(daily.next_due(None, early)).day == 7

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tierfs.errors import ExitCode, TierfsError
+from tierfs.snap.schedule import DEFAULT_SCHEDULES, Schedule, parse_schedules
 from tierfs.upstream.objectstore import CHECKSUM_MODES, S3_SINGLE_PUT_LIMIT_MB, StoreSettings
 
 CONFIG_NAME = "tierfs.toml"
@@ -294,6 +295,42 @@ SETTINGS: tuple[Setting, ...] = (
         0.1,
     ),
     Setting(
+        "regional",
+        "pack_mb",
+        int,
+        8,
+        "Target size of a pack object in MiB: new chunks travel in packs, so that small files\n"
+        "# do not cost a request each.",
+        1,
+    ),
+    Setting(
+        "regional",
+        "uploads",
+        int,
+        4,
+        "Packs uploaded at the same time.",
+        1,
+    ),
+    Setting(
+        "regional",
+        "bandwidth_mbit",
+        float,
+        0.0,
+        "Cap on the upload rate in Mbit/s, so that replication leaves room on a thin WAN\n"
+        "# link; 0: no cap.",
+        0.0,
+    ),
+    Setting(
+        "regional",
+        "queue_max",
+        int,
+        32,
+        "Snapshots waiting to be sent, at most. Beyond it, older unsent snapshots of a\n"
+        "# schedule are superseded by its newest (kept locally, not sent) and status raises an\n"
+        "# alarm.",
+        1,
+    ),
+    Setting(
         "cold",
         "device",
         str,
@@ -362,6 +399,7 @@ class Config:
     """Validated settings, addressed as `config.get("mount", "attr_timeout")`."""
 
     values: dict[tuple[str, str], Any]
+    schedules: tuple[Schedule, ...] = DEFAULT_SCHEDULES
 
     def get(self, section: str, key: str) -> Any:
         return self.values[(section, key)]
@@ -396,6 +434,15 @@ def render(config: Config) -> str:
         default = setting.default_doc or _toml_value(setting.default)
         lines.append(f"# {setting.doc} Default: {default}")
         lines.append(f"{setting.key} = {_toml_value(value)}")
+    lines += [
+        "",
+        "# Snapshot schedules, one [schedule.NAME] table each: paths (absolute, in the",
+        '# filesystem; ["/"] is everything; a schedule without paths does not run), every',
+        '# (seconds) or at ("HH:MM", daily, local time), keep_last (snapshots kept locally).',
+        "# A table replaces the default of the same name.",
+    ]
+    for schedule in config.schedules:
+        lines += ["", *schedule.to_toml()]
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +494,9 @@ def parse(raw: dict[str, Any], where: str) -> Config:
     config = defaults()
     values = dict(config.values)
     known = {(s.section, s.key): s for s in SETTINGS}
+    schedules = raw.pop("schedule", {})
+    if not isinstance(schedules, dict):
+        raise TierfsError(f"{where}: 'schedule' must be [schedule.NAME] tables", ExitCode.CONFIG)
     for section, table in raw.items():
         if not isinstance(table, dict):
             raise TierfsError(f"{where}: '{section}' must be a [section]", ExitCode.CONFIG)
@@ -455,7 +505,7 @@ def parse(raw: dict[str, Any], where: str) -> Config:
             if setting is None:
                 raise TierfsError(f"{where}: unknown setting {section}.{key}", ExitCode.CONFIG)
             values[(section, key)] = _validate(setting, value, where)
-    config = Config(values)
+    config = Config(values, parse_schedules(schedules, where))
     _check_regional(config, where)
     _check_cold(config, where)
     return config

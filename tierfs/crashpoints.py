@@ -30,6 +30,11 @@ POINTS: dict[str, str] = {
     "cold-after-append": "a migration's zone records are flushed, their locations not committed",
     "reclaim-after-relocate": "a victim's live records are copied and flushed, moves not committed",
     "reclaim-before-reset": "nothing in a zone is live (moved or freed, durably), not yet reset",
+    "snapshot-after-capture": "a snapshot's point in time is taken and frees are held, no tree yet",
+    "snapshot-after-install": "a snapshot's blobs are durable and installed, not committed",
+    "reap-after-tree": "a deleted snapshot's tree blob is reaped in the group, not committed",
+    "upload-after-pack": "a pack is durable upstream, its chunks not yet marked uploaded",
+    "upload-before-manifest": "everything a manifest names is upstream, the manifest not put",
 }
 
 _armed = os.environ.get(ENV)

@@ -44,10 +44,16 @@ from tierfs.fs.recovery import mark_clean, recover
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
+from tierfs.snap import keys
+from tierfs.snap.manager import SnapshotManager
+from tierfs.snap.schedule import Scheduler
 from tierfs.tiers.cold import devspec
 from tierfs.tiers.cold.errors import ColdFull
 from tierfs.tiers.cold.zones import Lifetime
 from tierfs.tiers.hot import HotStore
+from tierfs.upstream.metered import MeteredStore
+from tierfs.upstream.objectstore import StoreSettings, open_store
+from tierfs.upstream.replicator import Replicator, ReplicatorSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,9 @@ class Daemon:
     sealer: Sealer
     compactor: Compactor
     cold: ColdTier | None
+    snapshots: SnapshotManager
+    replicator: Replicator | None
+    scheduler: Scheduler
 
     async def handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
         self.durability.commit()
@@ -91,6 +100,8 @@ class Daemon:
                 "hits": self.reader.cache.hits,
                 "misses": self.reader.cache.misses,
             },
+            "snapshots": {**self.snapshots.status(), "schedules": self.scheduler.status()},
+            "upstream": self.replicator.status() if self.replicator else {"url": None},
         }
         doc = status.collect(self.data_dir, self.store, self.store.tx, True, extra)
         if self.cold is not None:
@@ -151,6 +162,40 @@ class Daemon:
                 ExitCode.CONFIG,
             )
         return self.cold
+
+    async def handle_snapshot_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = await self.snapshots.create(request.get("name"), request.get("schedule"))
+        return {"snapshot": record.to_json()}
+
+    async def handle_upload(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`tierfs sync`: send queued snapshots now; with `wait`, until none is queued."""
+        replicator = self.replicator
+        if replicator is None:
+            raise TierfsError(
+                "this filesystem has no regional store (regional.url is empty; see mkfs "
+                "--regional)",
+                ExitCode.CONFIG,
+            )
+        replicator.kick()
+        if not request.get("wait"):
+            return {"queued": len(replicator.queued())}
+        timeout = float(request.get("timeout_s", 3600.0))
+        with trio.move_on_after(timeout):
+            while replicator.queued() or not replicator.idle.is_set():
+                await trio.sleep(0.1)
+            return {"queued": 0, "sent": replicator.sent}
+        raise TierfsError(
+            f"{len(replicator.queued())} snapshots still queued after {timeout:g} s"
+            + (f"; last error: {replicator.last_error}" if replicator.last_error else ""),
+            ExitCode.TIMEOUT,
+        )
+
+    async def handle_snapshot_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"snapshots": [r.to_json() for r in self.snapshots.list()]}
+
+    async def handle_snapshot_delete(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = await self.snapshots.delete(str(request["key"]))
+        return {"snapshot": record.to_json()}
 
     async def handle_ping(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint)}
@@ -266,6 +311,22 @@ def open_daemon(
     reader.cold = cold
     if cold is not None:
         cold.append_hot = sealer.append_frames
+    snapshots = SnapshotManager(
+        store,
+        chunks,
+        staging,
+        sealer,
+        durability,
+        reader,
+        sealer.chunker.content_id,
+        config.get("seal", "zstd_level"),
+        cpu_limiter,
+    )
+    ops.write_gate = snapshots.gate
+    replicator = _open_replicator(data_dir, config, store, chunks, reader, hot, durability, domain)
+    if replicator is not None:
+        snapshots.upstream = True
+        snapshots.on_created = replicator.kick
     return Daemon(
         data_dir,
         mountpoint,
@@ -279,6 +340,41 @@ def open_daemon(
         sealer,
         compactor,
         cold,
+        snapshots,
+        replicator,
+        Scheduler(snapshots, config.schedules),
+    )
+
+
+def _open_replicator(
+    data_dir: DataDir,
+    config: config_mod.Config,
+    store: MetaStore,
+    chunks: ChunkIndex,
+    reader: FileReader,
+    hot: HotStore,
+    durability: Durability,
+    domain: domain_mod.Domain,
+) -> Replicator | None:
+    """The regional store's replicator, or None without `regional.url`. Opening makes no
+    request: a store that cannot be reached now only delays the uploads."""
+    url = config.get("regional", "url")
+    if not url:
+        return None
+    inner = open_store(url, StoreSettings.from_config(config))
+    objects = MeteredStore(inner, config.get("regional", "bandwidth_mbit") * 125_000)
+    return Replicator(
+        store,
+        chunks,
+        reader,
+        hot,
+        durability,
+        objects,
+        keys.load_site_keys(data_dir.root),
+        domain,
+        config,
+        data_dir.root / "cache" / "region-index",
+        ReplicatorSettings.from_config(config),
     )
 
 
@@ -375,12 +471,20 @@ async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
                 "migrate": daemon.handle_migrate,
                 "zones": daemon.handle_zones,
                 "reclaim": daemon.handle_reclaim,
+                "snapshot_create": daemon.handle_snapshot_create,
+                "snapshot_list": daemon.handle_snapshot_list,
+                "snapshot_delete": daemon.handle_snapshot_delete,
+                "upload": daemon.handle_upload,
                 "ping": daemon.handle_ping,
             },
         )
         nursery.start_soon(daemon.durability.run)
         nursery.start_soon(daemon.sealer.run)
         nursery.start_soon(daemon.compactor.run)
+        nursery.start_soon(daemon.snapshots.run_reaper)
+        if daemon.replicator is not None:
+            nursery.start_soon(daemon.replicator.run)
+        nursery.start_soon(daemon.scheduler.run)
         if daemon.cold is not None:
             nursery.start_soon(daemon.cold.run)
         daemon.reader.prefetch = nursery

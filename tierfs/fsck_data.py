@@ -5,8 +5,12 @@ Leftover states and their repairs (docs/ARCHITECTURE.md, crash table):
 * an extent of a missing inode -> removed (its chunk reference released);
 * an extent pointing at a missing chunk -> data lost: reported with the file; --repair turns
   the range into a hole, so that the rest of the file reads;
-* a chunk whose refcount differs from the extents that use it -> refcount corrected;
-* a chunk no extent uses (leaked) -> record removed, frame punched;
+* a chunk whose refcount differs from the extents, tree blobs and snapshots that use it ->
+  refcount corrected;
+* a chunk nothing uses (leaked, or held by a snapshot that a crash interrupted) -> record
+  removed, frame punched; a tree blob nothing uses -> queued to be reaped at the next mount;
+* a snapshot whose root blob is missing, or a tree blob that cannot be read -> reported (the
+  snapshot is damaged); --repair deletes a snapshot record whose root is missing;
 * a chunk copy outside its segment's committed end, or in a missing segment -> reported;
 * segment live counts, inode data_bytes and the chunk counters -> recomputed;
 * segment files the index does not know -> removed; bytes past a segment's end -> cut.
@@ -20,14 +24,19 @@ from typing import TYPE_CHECKING
 
 from tierfs import config
 from tierfs.data.chunkstore import ChunkIndex
+from tierfs.errors import TierfsError
 from tierfs.meta import schema
 from tierfs.meta.records import (
+    FLAG_TREE,
     TIER_HOT,
     ChunkRecord,
     SegmentRecord,
     ZoneRecord,
     decode_extent,
 )
+from tierfs.snap.catalog import Catalog
+from tierfs.snap.localchunks import LocalChunks
+from tierfs.snap.refs import blob_children
 from tierfs.tiers.cold import devspec
 from tierfs.tiers.cold.record import record_len
 from tierfs.tiers.hot import HotStore
@@ -52,6 +61,7 @@ class DataChecker:
     def run(self) -> None:
         self._load()
         self._check_extents()
+        self._count_snapshot_refs()
         self._check_refcounts()
         self._check_segments()
         self._check_zones()
@@ -103,20 +113,68 @@ class DataChecker:
                 inode.data_bytes = data_bytes[ino]
                 self.store.put_inode(self.tx, inode)
 
+    def _count_snapshot_refs(self) -> None:
+        """Snapshots hold their root blob; every stored tree blob holds what it names."""
+        if self.store.snapshots is None:
+            return
+        catalog = Catalog(self.store)
+        for snap in list(catalog.records(self.tx)):
+            if snap.root in self.chunks:
+                self.uses[snap.root] += 1
+            elif self.c._fix(
+                f"snapshot {snap.snapshot_id}: root blob {snap.root.hex()[:16]} is missing",
+                "snapshot record deleted",
+            ):
+                catalog.delete(self.tx, snap)
+        data_dir = self.c.staging.root.parent
+        with LocalChunks(data_dir, self.store, self.tx) as local:
+            for chunk_id, record in self.chunks.items():
+                if not record.flags & FLAG_TREE:
+                    continue
+                try:
+                    children = blob_children(local.fetch(chunk_id))
+                except TierfsError as exc:
+                    self.c.result.add(f"tree blob {chunk_id.hex()[:16]}: {exc.message}")
+                    continue
+                for child in children:
+                    self.uses[child] += 1
+
+    def _held_or_dead(self, chunk_id: bytes, db: object) -> bool:
+        return db is not None and self.tx.get(chunk_id, db=db) is not None
+
     def _check_refcounts(self) -> None:
         index = ChunkIndex(self.store)
         for chunk_id, record in list(self.chunks.items()):
             used = self.uses[chunk_id]
             name = chunk_id.hex()[:16]
-            if used == 0:
-                if self.c._fix(f"chunk {name} is used by no extent (leaked)", "chunk removed"):
+            if used == 0 and record.flags & FLAG_TREE:
+                if not self._held_or_dead(chunk_id, self.store.dead_trees) and self.c._fix(
+                    f"tree blob {name} is used by no snapshot", "queued to be reaped"
+                ):
+                    self.tx.put(chunk_id, b"", db=self.store.dead_trees)
+                if record.refcount != 0 and self.c._fix(
+                    f"tree blob {name}: refcount {record.refcount}, used by nothing",
+                    "refcount corrected",
+                ):
+                    record.refcount = 0
+                    index.put(self.tx, chunk_id, record)
+            elif used == 0:
+                held = self._held_or_dead(chunk_id, self.store.held)
+                problem = (
+                    f"chunk {name} was held by a snapshot that did not finish"
+                    if held
+                    else f"chunk {name} is used by no extent (leaked)"
+                )
+                if self.c._fix(problem, "chunk removed"):
+                    if held:
+                        self.tx.delete(chunk_id, db=self.store.held)
                     del self.chunks[chunk_id]
                     self.tx.delete(chunk_id, db=self.store.chunks)
                     for tier, seg, off in record.locations:
                         if tier == TIER_HOT:
                             self.hot.punch(seg, off, record.frame_len)
             elif record.refcount != used and self.c._fix(
-                f"chunk {name}: refcount {record.refcount}, used by {used} extents",
+                f"chunk {name}: refcount {record.refcount}, used {used} times",
                 "refcount corrected",
             ):
                 record.refcount = used

@@ -14,6 +14,7 @@ from tierfs.data.chunkstore import ChunkIndex, ChunkStats
 from tierfs.datadir import DataDir
 from tierfs.meta.records import Inode, ZoneRecord, decode_ranges
 from tierfs.meta.store import MetaStore
+from tierfs.snap.catalog import Catalog
 
 STATUS_SCHEMA_VERSION = "1.0"
 TIERS = ("staging", "hot", "cold", "regional", "cloud")
@@ -63,7 +64,7 @@ def collect(
             "compression_ratio": _ratio(stats.raw_bytes, stats.stored_bytes),
         },
         "queue": {"pending_bytes": 0},
-        "snapshots": {"count": 0, "latest": None},
+        "snapshots": _snapshots(store, tx),
         "errors": {"io": 0, "checksum": 0},
         "metadata": {"bytes": _allocated(data_dir.meta)},
     }
@@ -74,6 +75,11 @@ def collect(
             else:
                 doc[key] = value
     return doc
+
+
+def _snapshots(store: MetaStore, tx: Any) -> dict[str, Any]:
+    records = list(Catalog(store).records(tx))
+    return {"count": len(records), "latest": records[-1].snapshot_id if records else None}
 
 
 def _chunk_stats(store: MetaStore, tx: Any) -> ChunkStats:

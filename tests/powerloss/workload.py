@@ -166,6 +166,24 @@ class Client:
         """`tierfs migrate --now`: every chunk with a hot copy goes to the cold tier."""
         self.tierfs("migrate", self.dir, "--now")
 
+    def snapshot(self) -> str:
+        """`tierfs snapshot create`: returns the new snapshot's id."""
+        return self.tierfs("snapshot", "create", self.dir).stdout.strip()
+
+    def sync_upstream(self) -> None:
+        """`tierfs sync --wait`: every snapshot sent to the regional store."""
+        self.tierfs("sync", self.dir, "--wait", "--timeout", "60")
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.tierfs("snapshot", "delete", self.dir, snapshot_id)
+
+    def wait_for_reaping(self) -> None:
+        """Until the daemon has reaped what deleted snapshots held."""
+        deadline = time.monotonic() + COMPACTION_TIMEOUT
+        while self.daemon_status()["snapshots"]["dead_trees"]:
+            assert time.monotonic() < deadline, f"no reaping in {COMPACTION_TIMEOUT:g}s"
+            time.sleep(0.1)
+
     def reclaim(self) -> None:
         """`tierfs zones --reclaim`: reset empty zones, relocate the live records of dirty ones."""
         self.tierfs("zones", self.dir, "--reclaim")
@@ -268,7 +286,8 @@ def reach_every_point(c: Client, durables: Durables) -> None:
     fsync-after-commit, punch-before (once the unlink is durable, soon after that first
     fsync), unlink-open-after, seal-after-append, seal-after-install, compact-after-restage
     (with commits only on fsync, the first commit is the first fsync's), cold-after-append,
-    reclaim-after-relocate, reclaim-before-reset. Before the first
+    reclaim-after-relocate, reclaim-before-reset, snapshot-after-capture, snapshot-after-install,
+    upload-after-pack, upload-before-manifest, reap-after-tree. Before the first
     commit it unlinks, truncates and renames durable files, so a crash there must bring back
     their fsynced bytes. Compaction needs `seal.compact_min_extents = 1` and
     `seal.compact_ratio = 1.0`; relocation needs a small zone device (`COLD_SMALL`) whose
@@ -302,6 +321,7 @@ def reach_every_point(c: Client, durables: Durables) -> None:
     c.seal_all()
     c.wait_for_compaction()
     reach_cold_points(c)
+    reach_snapshot_points(c)
 
 
 def reach_cold_points(c: Client) -> None:
@@ -318,6 +338,23 @@ def reach_cold_points(c: Client) -> None:
     c.unlink(doomed)
     c.fsync_dir()
     c.reclaim()
+
+
+def reach_snapshot_points(c: Client) -> None:
+    """A snapshot while a file is being deleted (its chunks are held until the tree is
+    stored), a second one, both sent to the regional store (packs, then the manifest), then
+    the first deleted: its tree blobs are reaped."""
+    held = c.create("held")
+    c.write(held, 300 * KiB)
+    c.fsync(held)
+    c.close(held)
+    first = c.snapshot()
+    c.unlink(held)
+    c.fsync_dir()
+    c.snapshot()
+    c.sync_upstream()
+    c.delete_snapshot(first)
+    c.wait_for_reaping()
 
 
 # -- the random workload --------------------------------------------------------------------

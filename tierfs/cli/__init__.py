@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from tierfs import __version__
-from tierfs.cli import cold, flush, fsck, key, mkfs, mount, status
+from tierfs.cli import cold, flush, fsck, key, mkfs, mount, snapshot, status, sync
 from tierfs.errors import ExitCode, TierfsError
 
 
@@ -62,6 +62,8 @@ cli.add_command(flush.flush)
 cli.add_command(key.key)
 cli.add_command(cold.migrate)
 cli.add_command(cold.zones)
+cli.add_command(snapshot.snapshot)
+cli.add_command(sync.sync)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
 from tierfs.snap import keys
 from tierfs.tiers.cold import devspec
+from tierfs.upstream.objectstore import StoreSettings, open_store
 
 
 @click.command()
@@ -43,6 +44,13 @@ from tierfs.tiers.cold import devspec
     help="The cold tier's zoned device: emulated:SIZE (e.g. 64G; auto: a quarter of the free "
     "space), zonefs:DIR, block:/dev/..., or none.",
 )
+@click.option(
+    "--regional",
+    default="",
+    help="The regional store snapshots are sent to: file:///PATH or s3://BUCKET/PREFIX "
+    "(endpoint and credentials: the [regional] section of tierfs.toml, or the AWS "
+    "environment).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing filesystem (its data is lost).")
 def mkfs(
     data_dir: Path,
@@ -51,6 +59,7 @@ def mkfs(
     domain_key_file: Path | None,
     passphrase_file: Path | None,
     zone_device: str,
+    regional: str,
     force: bool,
 ) -> None:
     """Create a tierfs filesystem in DATA_DIR.
@@ -66,11 +75,13 @@ def mkfs(
       tierfs mkfs /var/lib/tierfs --site store-043 --domain /root/acme-domain.bundle
       tierfs mkfs /var/lib/tierfs --site store-044 --domain acme.json --domain-key acme.key
       tierfs mkfs /var/lib/tierfs --site store-045 --zone-device zonefs:/mnt/zonefs
+      tierfs mkfs /var/lib/tierfs --site store-046 --regional s3://acme-region/sites
     """
     dd = DataDir(data_dir.absolute())
     if site is not None:
         config.parse({"site": {"name": site}}, "--site")
     zones = devspec.plan(devspec.parse("" if zone_device == "none" else zone_device), dd.root)
+    config.parse({"regional": {"url": regional}}, "--regional")
     joined = domain_for_mkfs(domain_file, domain_key_file, passphrase_file)
     domain, domain_keys = joined if joined else (None, None)
     if dd.is_filesystem():
@@ -100,7 +111,16 @@ def mkfs(
         keys.write_domain_keys(dd.root, domain_keys)
         site_keys = keys.create_site_keys(dd.root, cfg.site, info["uuid"], domain_keys)
         devspec.create(zones, dd.cold)
-        cfg = config.parse({"site": {"name": cfg.site}, "cold": {"device": zones.recorded}}, "mkfs")
+        cfg = config.parse(
+            {
+                "site": {"name": cfg.site},
+                "cold": {"device": zones.recorded},
+                "regional": {"url": regional},
+            },
+            "mkfs",
+        )
+        if regional.startswith("file://"):
+            open_store(regional, StoreSettings.from_config(cfg), create=True).close()
         config.write(dd.root, cfg)
         _sync_dirs(dd)
     except OSError as exc:

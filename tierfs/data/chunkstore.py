@@ -7,6 +7,12 @@ durable metadata may still point at it). Such frees wait in `pending_frees` unti
 commit covers them, and while no read has the frame (or, for a whole segment, any frame of
 it) pinned. Each free is also recorded in DB_FREES in the same operation, and the record is
 removed once the space is given back: a free that a crash interrupted is finished at mount.
+
+Snapshots (tierfs.snap) add two exceptions. While a snapshot is being taken (`hold()`), a
+chunk whose count reaches zero keeps its record, listed in DB_HELD, because the tree being
+built from an earlier commit may still name it; the hold's end frees those still unused. And
+a tree blob (FLAG_TREE) at zero is not freed here but listed in DB_DEAD_TREES: it holds
+references to what it names, which `reap_tree` gives back first.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierfs.meta import schema
-from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord, SegmentRecord
+from tierfs.meta.records import FLAG_TREE, TIER_COLD, TIER_HOT, ChunkRecord, SegmentRecord
 from tierfs.meta.store import MetaStore
 
 _STATS = struct.Struct(">QQQQ")
@@ -54,7 +60,7 @@ class ChunkIndex:
         self.store = store
         self.pending_frees: list[PendingFree] = []
         self.pinned: Counter[tuple[int, int]] = Counter()
-        self.is_retained: Callable[[bytes], bool] = lambda chunk_id: False
+        self.holding = 0
         # Set by the cold tier: a deleted chunk's zone record is no longer live.
         self.cold_free: Callable[[Any, int, int, int], None] | None = None
 
@@ -87,9 +93,19 @@ class ChunkIndex:
         if record is None:
             raise KeyError(chunk_id.hex())
         record.refcount -= n
-        if record.refcount > 0 or self.is_retained(chunk_id):
+        if record.refcount > 0:
             self.put(tx, chunk_id, record)
-            return
+        elif record.flags & FLAG_TREE:
+            self.put(tx, chunk_id, record)
+            tx.put(chunk_id, b"", db=self.store.dead_trees)
+        elif self.holding:
+            self.put(tx, chunk_id, record)
+            tx.put(chunk_id, b"", db=self.store.held)
+        else:
+            self._delete(tx, chunk_id, record)
+
+    def _delete(self, tx: Any, chunk_id: bytes, record: ChunkRecord) -> None:
+        """Drop an unused chunk's record; its copies go once that is durable."""
         tx.delete(chunk_id, db=self.store.chunks)
         self._stats_delta(tx, chunks=-1, raw=-record.raw_len, stored=-record.frame_len)
         for tier, a, b in record.locations:
@@ -97,6 +113,62 @@ class ChunkIndex:
                 self.free_frame(tx, a, b, record.frame_len)
             elif tier == TIER_COLD and self.cold_free is not None:
                 self.cold_free(tx, a, b, record.frame_len)
+
+    # -- snapshots: holding frees, and reaping tree blobs
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep chunks whose count reaches zero (a snapshot is building from an earlier
+        commit); at the end, free those that are still unused."""
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            if not self.holding:
+                with self.store.op() as tx:
+                    self.release_held(tx)
+
+    def release_held(self, tx: Any) -> int:
+        """Free the held chunks nothing took a reference to (also at mount, after a crash
+        while a snapshot was being taken). Returns how many were freed."""
+        freed = 0
+        with tx.cursor(db=self.store.held) as cur:
+            held = [bytes(k) for k in cur.iternext(values=False)]
+        for chunk_id in held:
+            tx.delete(chunk_id, db=self.store.held)
+            record = self.get(chunk_id, tx)
+            if record is not None and record.refcount <= 0:
+                record.refcount = 1
+                self.put(tx, chunk_id, record)
+                self.release(tx, chunk_id)
+                freed += 1
+        return freed
+
+    def dead_trees(self, limit: int, tx: Any = None) -> list[bytes]:
+        """Up to `limit` tree blobs waiting to be reaped."""
+        out: list[bytes] = []
+        db = self.store.dead_trees
+        if db is None:
+            return out
+        with (tx or self.store.tx).cursor(db=db) as cur:
+            for key in cur.iternext(values=False):
+                if len(out) >= limit:
+                    break
+                out.append(bytes(key))
+        return out
+
+    def reap_tree(self, tx: Any, chunk_id: bytes, children: set[bytes]) -> None:
+        """A dead tree blob gives back its references to `children` (what its bytes name)
+        and is freed, unless it was taken again since (a new snapshot named it)."""
+        tx.delete(chunk_id, db=self.store.dead_trees)
+        record = self.get(chunk_id, tx)
+        if record is None or record.refcount > 0:
+            return
+        for child in children:
+            if self.get(child, tx) is not None:  # fsck --repair may have dropped it
+                self.release(tx, child)
+        self._delete(tx, chunk_id, record)
 
     def drop_unused(self, tx: Any, chunk_id: bytes) -> None:
         """A chunk stored by a seal round that ended up unused (its range was rewritten)."""

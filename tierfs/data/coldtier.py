@@ -147,6 +147,10 @@ class ColdTier:
     def pin(self, zone: int) -> contextlib.AbstractContextManager[None]:
         return self.usage.pin(zone)
 
+    def read_frame(self, zone: int, offset: int, frame_len: int, chunk_id: bytes) -> bytes:
+        """A chunk's frame, checked, from its zone record (worker thread; for packs)."""
+        return read_record(self.device, self.location(zone, offset, frame_len), chunk_id)
+
     def read(self, zone: int, offset: int, frame_len: int, chunk_id: bytes) -> bytes | memoryview:
         """A chunk's plaintext from its zone record (worker thread)."""
         return read_chunk(self.device, self.location(zone, offset, frame_len), chunk_id)

@@ -222,6 +222,17 @@ class FileReader:
         self.cache.put(p.chunk_id, data)
         return data
 
+    async def load_chunk(self, chunk_id: bytes) -> bytes | memoryview:
+        """A whole chunk's plaintext by id (snapshot tree blobs), wherever its copy is."""
+        record = self.chunks.get(chunk_id)
+        where = self._where(record) if record else None
+        if record is None or where is None:
+            raise FsError(errno.EIO)
+        tier, seg, off = where
+        piece = ChunkPiece(0, record.raw_len, chunk_id, 0, seg, off, record.frame_len, tier)
+        with self._pin(piece):
+            return await self.chunk_data(0, piece)
+
     def _where(self, record: ChunkRecord) -> tuple[int, int, int] | None:
         """(tier, segment or zone, offset) of the copy to read: hot first, then cold."""
         hot = record.hot_location()

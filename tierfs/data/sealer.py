@@ -196,25 +196,36 @@ class Sealer:
     def _pressure(self) -> bool:
         return self.staging.recent_total(max_age=1.0) > self.policy.staging_high_bytes
 
-    async def flush(self) -> None:
-        """Seal every staged byte and make it durable (tierfs flush, snapshots)."""
+    async def flush(self, durable: bool = True) -> None:
+        """Seal every staged byte and, unless `durable` is False (a snapshot, which commits
+        on its own), make it durable (tierfs flush)."""
         while self.staging.dirty_since:
-            await self._last_stored.wait()
             before = self.staging.staged_total()
-            async with trio.open_nursery() as nursery:
-                outcome = Outcome.SEALED
-                while outcome is Outcome.SEALED:
-                    dirty = self.staging.dirty_since
-                    order = sorted(dirty, key=dirty.__getitem__)
-                    outcome = await self.seal_round(order, nursery)
-            await self._last_stored.wait()
+            await self.seal_pass()
             if self.staging.dirty_since and self.staging.staged_total() >= before:
                 raise TierfsError(
                     f"sealing makes no progress ({before:,} bytes staged); see the log",
                     ExitCode.IO,
                 )
-        await self.durability.sync(None)
+        if durable:
+            await self.durability.sync(None)
         await self.release_space()
+
+    async def seal_pass(self, budget: int | None = None) -> None:
+        """Seal rounds until nothing is left to seal or, with a `budget`, once that many
+        bytes were sealed: a snapshot's pre-copy pass must end even while writers keep
+        dirtying files."""
+        await self._last_stored.wait()
+        start = self.sealed_bytes
+        async with trio.open_nursery() as nursery:
+            outcome = Outcome.SEALED
+            while outcome is Outcome.SEALED and (
+                budget is None or self.sealed_bytes - start < budget
+            ):
+                dirty = self.staging.dirty_since
+                order = sorted(dirty, key=dirty.__getitem__)
+                outcome = await self.seal_round(order, nursery)
+        await self._last_stored.wait()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -21,6 +21,9 @@ import trio
 from tierfs.data.reader import FileReader
 from tierfs.fs.namespace import FsError, Namespace
 from tierfs.meta.records import Inode
+
+if TYPE_CHECKING:
+    from tierfs.snap.capture import WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class TierfsOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self.write_gate: WriteGate | None = None  # set by the daemon (snapshots)
 
     # -- attributes
 
@@ -272,6 +276,8 @@ class TierfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if self.write_gate is not None and self.write_gate.closed:
+            await self.write_gate.wait_open()  # a snapshot is taking its point in time
         handle = self.handles[fh]
         if handle.append:
             off = self.ns.inode(handle.ino).size

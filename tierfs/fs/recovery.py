@@ -47,6 +47,7 @@ class RecoveryReport:
     cut_segments: int = 0
     stray_segments: int = 0
     finished_frees: int = 0
+    held_chunks: int = 0
     was_clean: bool = True
 
     def anything(self) -> bool:
@@ -56,6 +57,7 @@ class RecoveryReport:
             or self.trimmed_ranges
             or self.cut_segments
             or self.stray_segments
+            or self.held_chunks
         )
 
 
@@ -66,6 +68,9 @@ def recover(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> RecoveryReport:
     report.was_clean = store.tx.get(K_CLEAN, db=store.meta) != b"0"
     report.orphans = _remove_orphans(ns)
     crash_point("recovery-after-orphans")
+    with store.op() as tx:
+        # A snapshot was being taken: chunks it held and nothing took are unused.
+        report.held_chunks = chunks.release_held(tx)
     report.cut_segments, report.stray_segments = _recover_segments(ns, hot, chunks)
     report.finished_frees = _finish_frees(ns, hot, chunks)
     if not report.was_clean:
@@ -80,13 +85,15 @@ def recover(ns: Namespace, hot: HotStore, chunks: ChunkIndex) -> RecoveryReport:
     if report.anything() or not report.was_clean:
         log.info(
             "recovered after %s shutdown: %d orphan inodes, %d stray staging files, "
-            "%d staged range lists trimmed, %d segments cut, %d stray segments",
+            "%d staged range lists trimmed, %d segments cut, %d stray segments, "
+            "%d chunks held by an unfinished snapshot freed",
             "a clean" if report.was_clean else "an unclean",
             report.orphans,
             report.stray_staging,
             report.trimmed_ranges,
             report.cut_segments,
             report.stray_segments,
+            report.held_chunks,
         )
     return report
 

@@ -112,6 +112,7 @@ _EXTENT = struct.Struct(">32sII")
 _CHUNK_HEAD = struct.Struct(">BBIIIB")
 _LOCATION = struct.Struct(">BQQ")
 CHUNK_RECORD_VERSION = 1
+FLAG_TREE = 1  # ChunkRecord.flags: the chunk is a snapshot tree blob (tierfs.snap.refs)
 SEGMENT_RECORD_VERSION = 1
 _SEGMENT = struct.Struct(">BBQQI")
 
@@ -143,10 +144,16 @@ class ChunkRecord:
     frame_len: int
     codec: int
     locations: list[tuple[int, int, int]]
+    flags: int = 0  # FLAG_TREE: a snapshot tree blob, holding references to what it names
 
     def encode(self) -> bytes:
         head = _CHUNK_HEAD.pack(
-            CHUNK_RECORD_VERSION, 0, self.refcount, self.raw_len, self.frame_len, self.codec
+            CHUNK_RECORD_VERSION,
+            self.flags,
+            self.refcount,
+            self.raw_len,
+            self.frame_len,
+            self.codec,
         )
         return head + b"".join(_LOCATION.pack(*loc) for loc in self.locations)
 
@@ -154,7 +161,7 @@ class ChunkRecord:
     def decode(cls, data: bytes) -> ChunkRecord:
         if not data or data[0] != CHUNK_RECORD_VERSION:
             raise TierfsError("chunk record has an unknown version", ExitCode.VERSION)
-        _, _, refcount, raw_len, frame_len, codec = _CHUNK_HEAD.unpack_from(data)
+        _, flags, refcount, raw_len, frame_len, codec = _CHUNK_HEAD.unpack_from(data)
         n = (len(data) - _CHUNK_HEAD.size) // _LOCATION.size
         locations = [
             tuple(
@@ -162,7 +169,7 @@ class ChunkRecord:
             )
             for i in range(n)
         ]
-        return cls(refcount, raw_len, frame_len, codec, locations)  # type: ignore[arg-type]
+        return cls(refcount, raw_len, frame_len, codec, locations, flags)  # type: ignore[arg-type]
 
     def hot_location(self) -> tuple[int, int] | None:
         for tier, a, b in self.locations:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1: DB_ZONES and TIER_COLD locations (the cold tier)
+SCHEMA_MINOR = 2  # 1: DB_ZONES and TIER_COLD locations (the cold tier); 2: snapshots
 MAGIC = b"TIERFS-META"
 
 # Named databases of the single environment.
@@ -25,6 +25,13 @@ DB_CHUNKS = b"chunks"  # chunk id(32) -> chunk record (records.ChunkRecord)
 DB_SEGMENTS = b"segments"  # segment id(8) -> segment record (records.SegmentRecord)
 DB_FREES = b"frees"  # segment id(8) + offset(8) -> length(">q"; -1: the whole segment)
 DB_ZONES = b"zones"  # zone number(8) -> zone record (records.ZoneRecord): class, live bytes
+DB_SNAPSHOTS = b"snapshots"  # snapshot counter(8) -> snapshot record (snap.catalog), JSON
+DB_TREE_CACHE = b"tree_cache"  # directory ino(8) -> stamp(32) + tree id(32) of the last build
+DB_HELD = b"held"  # chunk id(32) -> b"": refcount reached 0 while a snapshot was being taken
+DB_DEAD_TREES = b"dead_trees"  # chunk id(32) -> b"": a tree blob at refcount 0, to reap
+DB_UPSTREAM = b"upstream"  # chunk id(32) -> where the regional store holds it (upstream.state)
+DB_PACK_INTENTS = b"pack_intents"  # pack name -> its entries, JSON: recorded before the upload
+DB_INDEX_PENDING = b"index_pending"  # chunk id(32) -> segment entry not published yet
 
 ALL_DBS = (
     DB_META,
@@ -40,6 +47,13 @@ ALL_DBS = (
     DB_SEGMENTS,
     DB_FREES,
     DB_ZONES,
+    DB_SNAPSHOTS,
+    DB_TREE_CACHE,
+    DB_HELD,
+    DB_DEAD_TREES,
+    DB_UPSTREAM,
+    DB_PACK_INTENTS,
+    DB_INDEX_PENDING,
 )
 
 # Keys of DB_META.
@@ -54,8 +68,11 @@ K_SITE = b"site"  # utf-8 site name as given to mkfs
 K_DOMAIN_ID = b"domain_id"  # utf-8 UUID of the dedup domain (DATA_DIR/domain.json)
 K_NEXT_SEGMENT = b"next_segment"  # ">Q": next hot segment id (never reused)
 K_CHUNK_STATS = b"chunk_stats"  # ">QQQQ": chunks, plaintext bytes, stored bytes, referenced bytes
+K_NEXT_SNAPSHOT = b"next_snapshot"  # ">Q": next snapshot counter (never reused; 1 when absent)
+K_NEXT_INDEX_SEQ = b"next_index_seq"  # ">Q": next index segment number (1 when absent)
+K_TREE_CACHE_OF = b"tree_cache_of"  # ">Q": the snapshot whose build DB_TREE_CACHE holds
 
-FEATURES: tuple[str, ...] = ("staging-v1", "chunks-v1", "cold-v1")
+FEATURES: tuple[str, ...] = ("staging-v1", "chunks-v1", "cold-v1", "snapshots-v1")
 
 ROOT_INO = 1
 FIRST_FREE_INO = 2

@@ -66,7 +66,15 @@ class MetaStore:
         self.chunks = env.open_db(schema.DB_CHUNKS, create=False)
         self.segments = env.open_db(schema.DB_SEGMENTS, create=False)
         self.frees = env.open_db(schema.DB_FREES, create=False)
-        self.zones: Any = None  # opened once the schema version is known (_open_added)
+        # Opened once the schema version is known (_open_added).
+        self.zones: Any = None
+        self.snapshots: Any = None
+        self.tree_cache: Any = None
+        self.held: Any = None
+        self.dead_trees: Any = None
+        self.upstream: Any = None
+        self.pack_intents: Any = None
+        self.index_pending: Any = None
         self._group: Any = None
         self.pending_ops = 0
         self.commits = 0
@@ -83,7 +91,7 @@ class MetaStore:
             for name in schema.ALL_DBS:
                 env.open_db(name, txn=tx)
         store = cls(env, readonly=False, preallocate_bytes=preallocate_bytes)
-        store.zones = env.open_db(schema.DB_ZONES, create=False)
+        store._open_added_dbs()
         now = time.time_ns()
         with store.op() as tx:
             put = tx.put
@@ -153,7 +161,7 @@ class MetaStore:
         """Databases of later minor versions: a read-write open of an older index creates
         them and records the current minor version; read-only, a missing one stays None
         (nothing in it)."""
-        self.zones = _open_added_db(self.env, schema.DB_ZONES, self.readonly)
+        self._open_added_dbs()
         if self.readonly:
             return
         with self.env.begin(write=True) as tx:
@@ -174,6 +182,16 @@ class MetaStore:
                     major,
                     schema.SCHEMA_MINOR,
                 )
+
+    def _open_added_dbs(self) -> None:
+        self.zones = _open_added_db(self.env, schema.DB_ZONES, self.readonly)
+        self.snapshots = _open_added_db(self.env, schema.DB_SNAPSHOTS, self.readonly)
+        self.tree_cache = _open_added_db(self.env, schema.DB_TREE_CACHE, self.readonly)
+        self.held = _open_added_db(self.env, schema.DB_HELD, self.readonly)
+        self.dead_trees = _open_added_db(self.env, schema.DB_DEAD_TREES, self.readonly)
+        self.upstream = _open_added_db(self.env, schema.DB_UPSTREAM, self.readonly)
+        self.pack_intents = _open_added_db(self.env, schema.DB_PACK_INTENTS, self.readonly)
+        self.index_pending = _open_added_db(self.env, schema.DB_INDEX_PENDING, self.readonly)
 
     def close(self) -> None:
         if self._group is not None:
@@ -283,7 +301,10 @@ class MetaStore:
         tx.put(schema.ino_key(inode.ino), data, db=self.inodes)
 
     def next_counter(self, tx: Any, key: bytes) -> int:
-        value = schema.unpack_u64(tx.get(key, db=self.meta))
+        """Hand out the counter's value and advance it (a counter added by a later minor
+        version starts at 1 when absent)."""
+        raw = tx.get(key, db=self.meta)
+        value = 1 if raw is None else schema.unpack_u64(raw)
         tx.put(key, schema.pack_u64(value + 1), db=self.meta)
         return value
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import blake3
@@ -167,6 +167,7 @@ def build_tree(
     *,
     content_id: ContentId,
     sink: Callable[[bytes, bytes], None] | None = None,
+    paths: Sequence[bytes] | None = None,
 ) -> TreeResult:
     """Encode the namespace seen by `reader` as a Merkle tree (worker thread: CPU and I/O).
 
@@ -176,8 +177,14 @@ def build_tree(
     instead of `TreeResult.blobs`, so a large first snapshot need not sit in memory.
     Only pass the cache of a build whose blobs were stored: reused ids are not handed out
     again. Raises TreeBuildError for a file with unsealed data (seal before building).
+
+    `paths` (relative, `/`-separated, without a leading slash; `b""` is the root) narrows the
+    tree to those files and directories and the directories on their way from the root: the
+    other entries of those directories are left out. Directories on the way are built anew
+    every time and not cached (their blob depends on the paths); everything below a listed
+    path is built and reused as usual.
     """
-    return _Builder(reader, previous or {}, content_id, sink).run()
+    return _Builder(reader, previous or {}, content_id, sink, paths).run()
 
 
 @dataclasses.dataclass
@@ -187,6 +194,7 @@ class _Frame:
     ino: int
     path: bytes
     children: list[tuple[bytes, Inode]]
+    partial: bool = False  # on the way to a listed path: some entries are left out
     pos: int = 0
     done: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
 
@@ -198,8 +206,10 @@ class _Builder:
         previous: TreeCache,
         content_id: ContentId,
         sink: Callable[[bytes, bytes], None] | None,
+        paths: Sequence[bytes] | None = None,
     ) -> None:
         self.view = view
+        self.scope = _Scope(paths)
         self.previous = previous
         self.content_id = content_id
         self.sink = sink
@@ -243,15 +253,18 @@ class _Builder:
         if ino in self.seen_dirs:
             raise TreeBuildError(f"directory /{path.decode(errors='replace')} is reached twice")
         self.seen_dirs.add(ino)
+        partial = self.scope.partial(path)
         children = []
         for name, child_ino in self.view.dirents(ino):
+            if partial and not self.scope.wanted(_join(path, name)):
+                continue
             child = self.view.inode(child_ino)
             if child is None:
                 where = _join(path, name).decode(errors="replace")
                 raise TreeBuildError(f"/{where}: no inode {child_ino}; run tierfs fsck")
             self._count(child)
             children.append((name, child))
-        return _Frame(ino, path, children)
+        return _Frame(ino, path, children, partial)
 
     def _count(self, inode: Inode) -> None:
         kind = tf.FileType.of_mode(inode.mode)
@@ -277,7 +290,7 @@ class _Builder:
     def _finish(self, frame: _Frame) -> tuple[bytes, bytes]:
         """The directory's (stamp, tree id): reused when the stamp is the cached one."""
         stamp = self._stamp(frame)
-        cached = self.previous.get(frame.ino)
+        cached = None if frame.partial else self.previous.get(frame.ino)
         if cached is not None and cached[0] == stamp:
             tree_id = cached[1]
             self.stats.trees_reused += 1
@@ -288,7 +301,8 @@ class _Builder:
             ]
             tree_id = self._emit(tf.encode_tree(entries, tf.KIND_DIR))
             self.stats.trees_built += 1
-        self.cache[frame.ino] = (stamp, tree_id)
+        if not frame.partial:
+            self.cache[frame.ino] = (stamp, tree_id)
         return stamp, tree_id
 
     def _stamp(self, frame: _Frame) -> bytes:
@@ -364,6 +378,26 @@ class _Builder:
             else:
                 self.blobs[blob_id] = blob
         return blob_id
+
+
+class _Scope:
+    """Which entries a build keeps: everything, or the listed paths and their ancestors."""
+
+    def __init__(self, paths: Sequence[bytes] | None) -> None:
+        listed = [p.strip(b"/") for p in paths] if paths is not None else [b""]
+        self.whole = b"" in listed
+        self.listed = set(listed)
+        self.on_the_way = {p[:i] for p in listed for i in range(len(p)) if p[i : i + 1] == b"/"}
+
+    def partial(self, path: bytes) -> bool:
+        """Whether the directory at `path` is kept only in part (it lies above a listed path)."""
+        if self.whole or path in self.listed:
+            return False
+        return not any(path.startswith(p + b"/") for p in self.listed)
+
+    def wanted(self, path: bytes) -> bool:
+        """Whether an entry of a partial directory is kept: listed, or above a listed path."""
+        return path in self.listed or path in self.on_the_way
 
 
 def _clip(extents: Iterable[Extent], size: int) -> list[Extent]:

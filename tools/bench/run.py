@@ -1,9 +1,11 @@
 """`python -m tools.bench.run`: benchmark tierfs against native and the pyfuse3 floor.
 
 Prints the result tables on stdout (progress goes to the log on stderr) and rewrites
-docs/benchmarks.md; then runs the chunking micro-benchmark, which needs no mount, and the
-cold-tier benchmark (tools/bench/cold.py, a mount of its own). Every mount it makes is
-unmounted and its work directory removed on every exit path, Ctrl-C and SIGTERM included.
+docs/benchmarks.md; then runs the chunking micro-benchmark, which needs no mount, the
+cold-tier benchmark (tools/bench/cold.py, a mount of its own) and the delta-send benchmark
+(tools/bench/delta.py, a mount and an S3 server of its own, at its own default size). Every
+mount it makes is unmounted and its work directory removed on every exit path, Ctrl-C and
+SIGTERM included.
 docs/benchmarks.md describes the method.
 """
 
@@ -28,8 +30,8 @@ from tools.bench import chunking, datapath, profiling, report, system, workloads
 from tools.bench.phases import Figures, Phases, make_cold, settle
 from tools.bench.targets import REPO_ROOT, Target, build
 
-if TYPE_CHECKING:  # imported where used: tools.bench.cold imports this module
-    from tools.bench import cold
+if TYPE_CHECKING:  # imported where used: tools.bench.cold and .delta import this module
+    from tools.bench import cold, delta
 
 log = logging.getLogger("tools.bench")
 
@@ -37,7 +39,7 @@ WORK_DIR_CANDIDATES = (Path("/var/tmp"), Path("/work"))
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-PARTS = ("foundation", "datapath", "chunking", "cold")
+PARTS = ("foundation", "datapath", "chunking", "cold", "delta")
 WRITE_SEAL_SHARE = 0.50
 
 Results = dict[str, dict[str, list[float]]]
@@ -413,20 +415,26 @@ def write_report(
 
 
 COLD_SECTION = "cold"  # tools.bench.cold.SECTION
+DELTA_SECTION = "delta"  # tools.bench.delta.SECTION
 
 
 def kept_sections(
-    args: argparse.Namespace, chunking_section: str | None, cold_section: str | None = None
+    args: argparse.Namespace,
+    chunking_section: str | None,
+    cold_section: str | None = None,
+    delta_section: str | None = None,
 ) -> list[str]:
-    """The sections this run does not write, from the current report; the chunking and cold
-    sections replaced when their benchmarks ran."""
-    names = [*report.KEPT_SECTIONS, COLD_SECTION]
+    """The sections this run does not write, from the current report; the chunking, cold
+    and delta sections replaced when their benchmarks ran."""
+    names = [*report.KEPT_SECTIONS, COLD_SECTION, DELTA_SECTION]
     old = args.output.read_text() if args.output.exists() else ""
     kept = {name: report.kept_section(old, name) for name in names}
     if chunking_section is not None:
         kept[chunking.SECTION] = chunking_section
     if cold_section is not None:
         kept[COLD_SECTION] = cold_section
+    if delta_section is not None:
+        kept[DELTA_SECTION] = delta_section
     return [kept[name] for name in names]
 
 
@@ -471,9 +479,32 @@ def run_cold(args: argparse.Namespace) -> cold.Outcome | None:
     return None
 
 
+def delta_argv(args: argparse.Namespace) -> list[str]:
+    """The delta benchmark's arguments: this run's work dir and output. Not --size: the
+    delta workload is the issue's 512 MiB dataset, whatever the sequential file size."""
+    argv = ["--output", str(args.output)]
+    return argv + (["--work-dir", str(args.work_dir)] if args.work_dir else [])
+
+
+def run_delta(args: argparse.Namespace) -> delta.Outcome | None:
+    """The delta-send benchmark, unless skipped; interrupted or failed, its old section stays
+    (it unmounts, stops its S3 server and cleans up after itself either way)."""
+    if "delta" in args.skip:
+        return None
+    from tools.bench import delta
+
+    try:
+        return delta.run(delta.parse_args(delta_argv(args)))
+    except KeyboardInterrupt:
+        log.error("interrupted during the delta benchmark; keeping its old section")
+    except Exception:
+        log.exception("the delta benchmark failed; keeping its old section")
+    return None
+
+
 def sections_only(args: argparse.Namespace) -> int:
-    """Only the parts that write a section of their own (chunking, cold): each rewrites just
-    its section of the report."""
+    """Only the parts that write a section of their own (chunking, cold, delta): each
+    rewrites just its section of the report."""
     status = 0
     if "chunking" not in args.skip:
         status = chunking.main(["--output", str(args.output)])
@@ -481,11 +512,15 @@ def sections_only(args: argparse.Namespace) -> int:
         from tools.bench import cold
 
         status = cold.main(cold_argv(args)) or status
+    if "delta" not in args.skip:
+        from tools.bench import delta
+
+        status = delta.main(delta_argv(args)) or status
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tools.bench import cold
+    from tools.bench import cold, delta
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -520,16 +555,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = run_chunking(args)
     section = chunking.section(outcome) if outcome is not None else None
     cold_outcome = run_cold(args)
+    delta_outcome = run_delta(args)
+    run_command = shlex.join(["python", "-m", "tools.bench.run", *argv])
     cold_section = None
     if cold_outcome is not None:
-        cold_section = cold.section(
-            cold_outcome, shlex.join(["python", "-m", "tools.bench.run", *argv])
-        )
-    write_report(args, argv, results, options, machine, kept_sections(args, section, cold_section))
+        cold_section = cold.section(cold_outcome, run_command)
+    delta_section = None
+    if delta_outcome is not None:
+        delta_section = delta.section(delta_outcome, run_command)
+    kept = kept_sections(args, section, cold_section, delta_section)
+    write_report(args, argv, results, options, machine, kept)
     if outcome is not None:
         chunking.print_tables(outcome)
     if cold_outcome is not None:
         cold.print_tables(cold_outcome)
+    if delta_outcome is not None:
+        delta.print_tables(delta_outcome)
     return 0
 
 
