@@ -302,11 +302,11 @@ def test_killed_during_a_sync_the_next_mount_finishes_it(point: str, tmp_path: P
         wait_for_exit(pid)
         assert f"crash point {point} reached" in (data / "log" / "tierfs.log").read_text()
         force_unmount(mnt)
-        m.env = dict(os.environ)
-        m.mount()
         region = Region(open_store(f"file://{region_dir}", StoreSettings()), data)
         if point == "upload-before-manifest":
             assert region.manifests() == [], "a manifest was published early"
+        m.env = dict(os.environ)
+        m.mount()
         sync(m)
         (manifest,) = region.manifests()
         assert region.files(manifest.root)[b"f2"] == payload("k2", 700 * KiB)
@@ -316,3 +316,11 @@ def test_killed_during_a_sync_the_next_mount_finishes_it(point: str, tmp_path: P
         assert run_cli("fsck", data, check=False).returncode == 0
     finally:
         cleanup_mount(m)
+
+
+def test_status_warns_when_the_local_store_shares_the_data_disk(tmp_path: Path) -> None:
+    data = make_fs(tmp_path, f"file://{tmp_path / 'region'}", {})
+    with mounted(tmp_path, data) as m:
+        alarms = upstream(m)["alarms"]
+        assert isinstance(alarms, list)
+        assert any("data directory's filesystem" in a for a in alarms)

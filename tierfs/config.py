@@ -378,7 +378,8 @@ SETTINGS: tuple[Setting, ...] = (
         "min_garbage",
         float,
         0.25,
-        "A zone is relocated only when at least this share of it is garbage.",
+        "A zone is relocated only when at least this share of it is garbage (any share\n"
+        "# while migration waits for room).",
         0.0,
     ),
     Setting(

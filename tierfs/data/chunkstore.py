@@ -158,6 +158,10 @@ class ChunkIndex:
                 out.append(bytes(key))
         return out
 
+    def dead_tree_count(self, tx: Any = None) -> int:
+        db = self.store.dead_trees
+        return 0 if db is None else int((tx or self.store.tx).stat(db)["entries"])
+
     def reap_tree(self, tx: Any, chunk_id: bytes, children: set[bytes]) -> None:
         """A dead tree blob gives back its references to `children` (what its bytes name)
         and is freed, unless it was taken again since (a new snapshot named it)."""

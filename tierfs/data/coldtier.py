@@ -17,12 +17,22 @@ Reclaim: zones with nothing live are reset once the commit that emptied them is 
 no reader pins them; when EMPTY zones run low, the zones with the most garbage have their
 live records relocated and are reset on a later pass. All device work runs in worker threads
 under `device_lock` (the allocator is not thread-safe); the index work on the trio thread.
+
+When the zones have no room beyond the reserve for a migration batch, the batch writes what
+fits, and the rest waits: migration records the bytes it waits for (`need`), runs a reclaim
+pass, which then hurries (relocates the zones with the most garbage, whatever their share,
+until the garbage they give back makes room for the rest and brings the EMPTY zones back to
+the low mark: `Reclaimer.shortfall`), tries once more and, if nothing fits yet,
+raises `ColdFull`: the victims are reset once their moves are durable (the next pass, or at
+once after a sync), and the next migration goes on. `need` is cleared by the first migration
+that finishes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -96,6 +106,8 @@ class ColdTier:
         self.allocator = ZoneAllocator(device, reserve=policy.reserve_zones)
         self.usage = ZoneUsage.rebuild(self._zone_rows())
         self.reclaimer = Reclaimer(self.allocator, self.usage, min_garbage=policy.min_garbage)
+        self.need = 0
+        """Bytes of records a blocked migration waits for (0: none waits): reclaim hurries."""
         self.device_lock = trio.Lock()
         self.migrate_lock = trio.Lock()
         self.segment_reads: dict[int, float] = {}
@@ -218,8 +230,12 @@ class ColdTier:
     # -- migration ---------------------------------------------------------------------
 
     async def migrate(self, segments: set[int] | None, klass: int) -> None:
-        """Migrate the chunks whose hot copy is in `segments` (None: every segment)."""
+        """Migrate the chunks whose hot copy is in `segments` (None: every segment).
+
+        Raises `ColdFull` when a batch still finds no room after a reclaim pass (see the
+        module docstring); what was migrated before stays migrated."""
         if segments is not None and not segments:
+            self.need = 0
             return
         async with self.migrate_lock:
             batch: list[tuple[bytes, ChunkRecord]] = []
@@ -237,6 +253,7 @@ class ColdTier:
                     break
                 await trio.lowlevel.checkpoint()
             await self._migrate_batch(batch, klass)
+            self.need = 0
 
     def _scan_slice(
         self, after: bytes, segments: set[int] | None
@@ -272,23 +289,44 @@ class ColdTier:
             frames = await trio.to_thread.run_sync(
                 self._read_frames, batch, limiter=self.io_limiter
             )
-        readable = [(item, f) for item, f in zip(batch, frames, strict=True) if f is not None]
-        if not readable:
-            return
-        async with self.device_lock:
-            try:
-                locations = await trio.to_thread.run_sync(
-                    self.allocator.append_batch,
-                    klass,
-                    [f for _, f in readable],
-                    limiter=self.io_limiter,
-                )
-            except AppendError as exc:
-                log.error("cold tier: append failed part way: %s", exc)
-                locations = exc.written
-        written = [item for item, _ in readable][: len(locations)]
-        self._install(written, locations, klass)
-        self.allocator.settle(locations)
+        pending = [(item, f) for item, f in zip(batch, frames, strict=True) if f is not None]
+        reclaimed = False
+        while pending:
+            failed = False
+            async with self.device_lock:
+                try:
+                    locations = await trio.to_thread.run_sync(
+                        functools.partial(
+                            self.allocator.append_batch,
+                            klass,
+                            [f for _, f in pending],
+                            partial=True,
+                        ),
+                        limiter=self.io_limiter,
+                    )
+                except ColdFull:
+                    if reclaimed:
+                        raise
+                    locations = []
+                except AppendError as exc:
+                    log.error("cold tier: append failed part way: %s", exc)
+                    locations, failed = exc.written, True
+            written = [item for item, _ in pending][: len(locations)]
+            self._install(written, locations, klass)
+            self.allocator.settle(locations)
+            pending = pending[len(locations) :]
+            if failed or not pending:
+                return  # after a failure, the rest stays hot and migrates later
+            # No room for the rest beyond the reserve: reclaim hurries, then try again.
+            rest = sum(record_len(len(f), self.lba) for _, f in pending)
+            self.need = rest
+            log.info(
+                "cold tier: no room for %d chunks (%d bytes) beyond the reserve; reclaiming",
+                len(pending),
+                rest,
+            )
+            await self.reclaim()
+            reclaimed = True
 
     def _read_frames(self, batch: list[tuple[bytes, ChunkRecord]]) -> list[bytes | None]:
         """Worker thread: each chunk's hot frame, checked; None for one that fails (it stays
@@ -411,7 +449,7 @@ class ColdTier:
                 self.reclaimer.reset_empty, self.store.durable_commits, limiter=self.io_limiter
             )
         self.counters.zones_reset += len(reset)
-        for victim in self.reclaimer.pick_victims():
+        for victim in self.reclaimer.pick_victims(need=self.need):
             await self._relocate(victim)
 
     async def _relocate(self, victim: int) -> None:
@@ -419,6 +457,8 @@ class ColdTier:
             entries = await trio.to_thread.run_sync(
                 lambda: list(scan_zone(self.device, victim)), limiter=self.io_limiter
             )
+            if not self.reclaimer.worth_relocating(victim, entries):
+                return
             live = self._live_records(victim, entries)
             relocation = await trio.to_thread.run_sync(
                 self.reclaimer.relocate, victim, live, limiter=self.io_limiter

@@ -480,11 +480,18 @@ class Sealer:
         """
         sealed: list[tuple[int, int, int]] = []
         with self.store.op() as tx:
+            fresh = []
             for p in placed:
+                if self.chunks.get(p.chunk_id, tx) is not None:
+                    # Stored meanwhile by another writer of chunks (a snapshot's tree blob
+                    # with the same bytes): keep that record, give this copy back.
+                    self.chunks.queue_free(tx, p.seg, p.offset, p.frame_len)
+                    continue
                 record = ChunkRecord(
                     0, p.raw_len, p.frame_len, p.codec, [(TIER_HOT, p.seg, p.offset)]
                 )
                 self.chunks.insert(tx, p.chunk_id, record)
+                fresh.append(p)
             if placed:
                 seg = self.chunks.segment(placed[0].seg, tx)
                 if seg is not None:
@@ -492,7 +499,7 @@ class Sealer:
                     self.chunks.put_segment(tx, placed[0].seg, seg)
             for job in jobs:
                 sealed += self._install_job(tx, job)
-            for p in placed:
+            for p in fresh:
                 self.chunks.drop_unused(tx, p.chunk_id)
         merged: dict[int, RangeSet] = {}
         for ino, start, end in sealed:

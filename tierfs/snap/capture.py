@@ -8,9 +8,10 @@ dirty data takes to seal, so capture works like a live migration's pre-copy:
    when it began); repeat while they keep dirtying files, up to `PRECOPY_ROUNDS` times;
 2. as soon as nothing is staged, commit and open a read transaction on that commit in the same
    trio step: no FUSE operation can run in between, so the pause is only the commit;
-3. if writers kept dirtying files through every round, close the `WriteGate` (writes wait),
-   seal what the last round left (what was written during it), commit and read, then open the
-   gate: the pause is bounded by the data written during one round, not by the filesystem.
+3. once what a round left staged is at most `GATE_BYTES` (or after the last round), close the
+   `WriteGate` (writes wait) in that same trio step, seal what is left, commit and read, then
+   open the gate: the pause is the time to seal at most `GATE_BYTES`, whatever the size of the
+   filesystem. Only a writer faster than the sealer through every round leaves more.
 
 The read transaction is the snapshot's state; building the tree from it happens afterwards,
 in a worker thread, with writers running.
@@ -26,13 +27,16 @@ from typing import Any
 import trio
 
 from tierfs.data.sealer import Sealer
+from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.staging import Staging
 from tierfs.meta.store import MetaStore
 
 log = logging.getLogger(__name__)
 
-PRECOPY_ROUNDS = 3
+PRECOPY_ROUNDS = 8
+GATE_BYTES = 8 << 20
+GATED_PASSES = 16
 
 
 class WriteGate:
@@ -72,14 +76,26 @@ async def capture(
 ) -> Capture:
     """Seal, then take the point in time (see the module docstring)."""
     for _ in range(PRECOPY_ROUNDS):
-        await sealer.seal_pass(budget=staging.staged_total())
         if not staging.dirty_since:
-            start = time.monotonic_ns()
-            return _take(store, durability, start, gated=False)
+            return _take(store, durability, time.monotonic_ns(), gated=False)
+        await sealer.seal_pass(budget=staging.staged_total())
+        if staging.dirty_since and staging.staged_total() <= GATE_BYTES:
+            break
     start = time.monotonic_ns()
     gate.close()
     try:
-        await sealer.flush(durable=False)
+        # Writes wait, but a compaction may still restage a file meanwhile: seal until
+        # nothing is staged rather than insisting on progress as `flush` does.
+        for _ in range(GATED_PASSES):
+            if not staging.dirty_since:
+                break
+            await sealer.seal_pass()
+        if staging.dirty_since:
+            raise TierfsError(
+                f"no point in time reached: data is still staged after {GATED_PASSES} sealing "
+                "passes with writes paused (see the log)",
+                ExitCode.IO,
+            )
         taken = _take(store, durability, start, gated=True)
     finally:
         gate.open()

@@ -29,6 +29,7 @@ LOCAL = "local"  # no regional store: kept here only
 QUEUED = "queued"  # waiting for the replicator
 SENT = "sent"  # its manifest is published upstream
 SUPERSEDED = "superseded"  # dropped from the queue by a newer snapshot of its schedule
+DAMAGED = "damaged"  # names a chunk the index lacks: never sent (see tierfs fsck)
 
 
 @dataclasses.dataclass
@@ -121,7 +122,9 @@ class Catalog:
             return named[0]
         if named:
             ids = ", ".join(r.snapshot_id for r in named)
-            raise TierfsError(f"several snapshots are named {key!r} ({ids}); give the id")
+            raise TierfsError(
+                f"several snapshots are named {key!r} ({ids}); give the id", ExitCode.USAGE
+            )
         raise TierfsError(f"no snapshot {key!r} (see tierfs snapshot list)", ExitCode.USAGE)
 
     def latest(self, tx: Any = None) -> SnapshotRecord | None:

@@ -29,6 +29,7 @@ from tierfs.data.sealer import Sealer
 from tierfs.data.sealwork import Placed
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
+from tierfs.fs.namespace import FsError
 from tierfs.fs.staging import Staging
 from tierfs.meta import schema
 from tierfs.meta.records import FLAG_TREE, TIER_HOT, ChunkRecord
@@ -93,6 +94,7 @@ class SnapshotManager:
         self.max_pause_ns = 0
         self.wake_reaper = trio.Event()
         self.started = time.time()
+        self.unreapable: set[bytes] = set()
 
     # -- create
 
@@ -119,6 +121,8 @@ class SnapshotManager:
                     taken.txn.abort()
                 label = Label(name, schedule, paths)
                 record = await self._store(taken, result, blobs, old_cache, label)
+            # Durable before it is acknowledged (and before the replicator may publish it).
+            await self.durability.sync(None)
         self.created += 1
         if self.on_created is not None:
             self.on_created()
@@ -244,7 +248,8 @@ class SnapshotManager:
             with self.store.op() as tx:
                 record = self.catalog.find(key, tx)
                 self.catalog.delete(tx, record)
-                self.chunks.release(tx, record.root)
+                if self.chunks.get(record.root, tx) is not None:  # fsck may have dropped it
+                    self.chunks.release(tx, record.root)
         self.deleted += 1
         self.wake_reaper.set()
         log.info("snapshot %s deleted", record.snapshot_id)
@@ -266,13 +271,22 @@ class SnapshotManager:
                 await self.wake_reaper.wait()
 
     async def reap(self, limit: int) -> int:
-        """Free up to `limit` dead tree blobs; returns how many were handled."""
+        """Free up to `limit` dead tree blobs; returns how many were handled. A blob that
+        cannot be read is skipped (and counted in `unreapable`) rather than blocking the
+        others: what it holds stays held until it reads again (fsck reports it)."""
         done = 0
-        for blob_id in self.chunks.dead_trees(limit):
-            blob = await self.reader.load_chunk(blob_id)
+        candidates = self.chunks.dead_trees(limit + len(self.unreapable))
+        for blob_id in [b for b in candidates if b not in self.unreapable][:limit]:
+            try:
+                blob = await self.reader.load_chunk(blob_id)
+                children = blob_children(bytes(blob))
+            except (FsError, TierfsError) as exc:
+                self.unreapable.add(blob_id)
+                log.error("deleted snapshot's tree blob %s unreadable: %s", blob_id.hex()[:16], exc)
+                continue
             async with self.lock:
                 with self.store.op() as tx:
-                    self.chunks.reap_tree(tx, blob_id, blob_children(bytes(blob)))
+                    self.chunks.reap_tree(tx, blob_id, children)
                 crash_point("reap-after-tree")
             done += 1
         self.reaped += done
@@ -287,7 +301,8 @@ class SnapshotManager:
             "created": self.created,
             "deleted": self.deleted,
             "trees_reaped": self.reaped,
-            "dead_trees": len(self.chunks.dead_trees(1 << 30)),
+            "dead_trees": self.chunks.dead_tree_count(),
+            "unreapable_trees": len(self.unreapable),
             "last_pause_ms": round(self.last_pause_ns / 1e6, 3),
             "max_pause_ms": round(self.max_pause_ns / 1e6, 3),
             "now_ns": time.time_ns(),

@@ -2,7 +2,8 @@
 
 The replicator talks to the regional store only through this, so `status` can show bytes
 uploaded by kind of object and requests by verb, and a site on a thin WAN link can cap the
-upload rate (`regional.bandwidth_mbps`). Calls block (they run in worker threads); the
+upload rate (`regional.bandwidth_mbit`: `reserve` says how long to wait before a put, and the
+caller waits where it can be cancelled). Calls block (they run in worker threads); the
 counters and the cap are shared by all of them under one lock.
 """
 
@@ -46,7 +47,6 @@ class MeteredStore(ObjectStore):
         self._next_send = 0.0
 
     def put(self, name: str, data: bytes) -> None:
-        self._pace(len(data))
         self._count("put")
         self.inner.put(name, data)
         with self._lock:
@@ -75,16 +75,16 @@ class MeteredStore(ObjectStore):
         with self._lock:
             self.requests[verb] += 1
 
-    def _pace(self, size: int) -> None:
-        """Sleep so that puts average at most `bytes_per_s` (a token bucket of one put)."""
+    def reserve(self, size: int) -> float:
+        """Seconds to wait before putting `size` bytes, so that puts average at most
+        `bytes_per_s`. The caller sleeps (cancellably, on the trio side), then puts."""
         if self.bytes_per_s <= 0:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next_send)
             self._next_send = start + size / self.bytes_per_s
-        if start > now:
-            time.sleep(start - now)
+        return start - now
 
     def status(self) -> dict[str, object]:
         with self._lock:

@@ -25,12 +25,14 @@ under the upload limiter; the index is only touched on the trio thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -41,18 +43,20 @@ from tierfs.data.domain import Domain
 from tierfs.data.reader import FileReader
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
+from tierfs.fs.namespace import FsError
 from tierfs.meta import schema
 from tierfs.meta.records import FLAG_TREE
 from tierfs.meta.store import MetaStore
 from tierfs.snap import manifest as manifest_mod
-from tierfs.snap.catalog import QUEUED, SENT, SUPERSEDED, Catalog, SnapshotRecord
+from tierfs.snap.catalog import DAMAGED, QUEUED, SENT, SUPERSEDED, Catalog, SnapshotRecord
 from tierfs.snap.keys import SiteKeys
 from tierfs.snap.refs import blob_children
 from tierfs.tiers.hot import HotStore
 from tierfs.upstream import pack as packfmt
 from tierfs.upstream import siteindex
+from tierfs.upstream.localstore import shares_filesystem
 from tierfs.upstream.metered import MeteredStore
-from tierfs.upstream.objectstore import ObjectStoreError
+from tierfs.upstream.objectstore import ObjectExists, ObjectMissing, ObjectStoreError
 from tierfs.upstream.state import UPLOADED, UpstreamState
 
 log = logging.getLogger(__name__)
@@ -82,10 +86,15 @@ class Plan:
 
     trees: list[bytes] = dataclasses.field(default_factory=list)
     data: list[bytes] = dataclasses.field(default_factory=list)
+    walked: list[bytes] = dataclasses.field(default_factory=list)  # every tree blob visited
 
 
 class SnapshotGone(Exception):
     """The snapshot being sent was deleted meanwhile."""
+
+
+class SnapshotDamaged(Exception):
+    """The snapshot names a chunk the index does not have (see tierfs fsck)."""
 
 
 class Replicator:
@@ -124,7 +133,9 @@ class Replicator:
         self.sent = 0
         self.superseded = 0
         self.deduped_chunks = 0
+        self.damaged = 0
         self._domain_published = False
+        self.same_disk = _shares_disk(objects.url, cache_dir.parent.parent)
 
     # -- the task
 
@@ -176,6 +187,10 @@ class Replicator:
                 await self.send(queue[0])
             except SnapshotGone:
                 log.info("snapshot %s was deleted before it was sent", queue[0].snapshot_id)
+            except SnapshotDamaged as exc:
+                self._mark(queue[0], DAMAGED)
+                self.damaged += 1
+                log.error("snapshot %s cannot be sent: %s", queue[0].snapshot_id, exc)
 
     def _enforce_bound(self) -> None:
         """Supersede older queued snapshots of a schedule with a newer one queued."""
@@ -207,12 +222,11 @@ class Replicator:
         packed += await self._upload(packfmt.KIND_TREE, plan.trees)
         await self._publish_index()
         await self._publish_domain()
+        self._current(record)  # deleted meanwhile: publish nothing
         await self._publish_manifest(record)
         with self.store.op() as tx:
-            self.state.mark_complete(tx, plan.trees)
-            current = self._current(record, tx)
-            current.upstream = SENT
-            self.catalog.put(tx, current)
+            self.state.mark_complete(tx, plan.walked)
+            self._mark(self._current(record, tx), SENT, tx)
         self.sent += 1
         log.info(
             "snapshot %s sent: %d trees and %d chunks new, %d packed, in %.1f s",
@@ -222,6 +236,13 @@ class Replicator:
             packed,
             time.monotonic() - start,
         )
+
+    def _mark(self, record: SnapshotRecord, state: str, tx: Any = None) -> None:
+        with contextlib.ExitStack() as stack:
+            if tx is None:
+                tx = stack.enter_context(self.store.op())
+            record.upstream = state
+            self.catalog.put(tx, record)
 
     def _current(self, record: SnapshotRecord, tx: Any = None) -> SnapshotRecord:
         for r in self.catalog.records(tx):
@@ -237,14 +258,21 @@ class Replicator:
             if blob_id in seen or self.state.complete(blob_id):
                 continue
             seen.add(blob_id)
+            await trio.lowlevel.checkpoint()  # loads from the cache do not yield
             self._current(record)
-            blob = bytes(await self.reader.load_chunk(blob_id))
+            try:
+                blob = bytes(await self.reader.load_chunk(blob_id))
+            except FsError:
+                self._current(record)
+                raise SnapshotDamaged(f"tree blob {blob_id.hex()[:16]} unreadable") from None
+            plan.walked.append(blob_id)
             if not self.state.uploaded(blob_id):
                 plan.trees.append(blob_id)
             for child in sorted(blob_children(blob)):
                 chunk = self.chunks.get(child)
                 if chunk is None:
-                    raise SnapshotGone(record.snapshot_id)
+                    self._current(record)
+                    raise SnapshotDamaged(f"chunk {child.hex()[:16]} is not in the index")
                 if chunk.flags & FLAG_TREE:
                     stack.append(child)
                 elif child not in seen and not self.state.uploaded(child):
@@ -264,7 +292,7 @@ class Replicator:
                 await trio.to_thread.run_sync(
                     packfmt.read_frame, self.objects, where.pack, where.entry, limiter=self.limiter
                 )
-            except packfmt.PackError as exc:
+            except (packfmt.PackError, ObjectMissing) as exc:
                 log.warning(
                     "chunk %s in %s fails its check: %s", chunk_id.hex()[:16], where.pack, exc
                 )
@@ -300,8 +328,8 @@ class Replicator:
     async def _frame(self, chunk_id: bytes) -> bytes:
         """The chunk's stored frame (compressed and checked as it is), hot or cold."""
         record = self.chunks.get(chunk_id)
-        if record is None:
-            raise TierfsError(f"chunk {chunk_id.hex()[:16]} vanished", ExitCode.INTERNAL)
+        if record is None:  # its snapshot was deleted (and reaped) since the plan
+            raise SnapshotGone(chunk_id.hex())
         hot = record.hot_location()
         if hot is not None:
             with self.chunks.pin(hot[0], hot[1]):
@@ -327,6 +355,7 @@ class Replicator:
 
     async def _put_pack(self, built: packfmt.BuiltPack) -> None:
         try:
+            await trio.sleep(self.objects.reserve(len(built.body)))
             await trio.to_thread.run_sync(self.objects.put, built.name, built.body)
         finally:
             self.limiter.release_on_behalf_of(built.name)
@@ -355,8 +384,14 @@ class Replicator:
             return
         with self.store.op() as tx:
             seq = self.store.next_counter(tx, schema.K_NEXT_INDEX_SEQ)
-        segments = siteindex.encode_segments(
-            self.site.site_uuid, self.site.epoch, seq, time.time_ns(), entries
+        await self.durability.sync(None)  # a retry after a crash must not reuse the number
+        segments = await trio.to_thread.run_sync(
+            siteindex.encode_segments,
+            self.site.site_uuid,
+            self.site.epoch,
+            seq,
+            time.time_ns(),
+            entries,
         )
         await self._put_all(segments)
         for name, body in segments.items():
@@ -370,6 +405,7 @@ class Replicator:
                 nursery.start_soon(self._put, name, body)
 
     async def _put(self, name: str, body: bytes) -> None:
+        await trio.sleep(self.objects.reserve(len(body)))
         await trio.to_thread.run_sync(self.objects.put, name, body, limiter=self.limiter)
 
     async def _publish_domain(self) -> None:
@@ -404,7 +440,24 @@ class Replicator:
         )
         signed = manifest_mod.sign(manifest, self.site)
         crash_point("upload-before-manifest")
-        await self._put(manifest.object_name, signed.encode())
+        try:
+            await self._put(manifest.object_name, signed.encode())
+        except ObjectExists:
+            await self._accept_published(manifest)
+
+    async def _accept_published(self, manifest: manifest_mod.Manifest) -> None:
+        """A manifest of this name is upstream already: an earlier try that landed (its
+        parent or settings may differ since). It is this snapshot if it verifies and names
+        the same snapshot and root; anything else is a real conflict."""
+        body = await trio.to_thread.run_sync(
+            self.objects.get, manifest.object_name, limiter=self.limiter
+        )
+        there = manifest_mod.verify(body, self.site.certificate.domain_public_key)
+        if (there.snapshot_id, there.root) != (manifest.snapshot_id, manifest.root):
+            raise TierfsError(
+                f"{manifest.object_name} upstream names another snapshot or tree",
+                ExitCode.IO,
+            )
 
     def _last_sent(self) -> str | None:
         last = None
@@ -426,6 +479,7 @@ class Replicator:
             },
             "sent": self.sent,
             "superseded": self.superseded,
+            "damaged": self.damaged,
             "deduped_chunks": self.deduped_chunks,
             "last_error": self.last_error,
             "backoff_s": self.backoff,
@@ -448,4 +502,16 @@ class Replicator:
             alarms.append(f"upload queue full ({queued} snapshots): older ones are superseded")
         if self.last_error:
             alarms.append(f"regional store unreachable: {self.last_error}")
+        if self.same_disk:
+            alarms.append(
+                "the regional store is a directory on the data directory's filesystem: it "
+                "guards against mistakes, not against the loss of the disk"
+            )
         return alarms
+
+
+def _shares_disk(url: str, data_dir: Path) -> bool:
+    """Whether a `file://` store lives on the data directory's filesystem."""
+    if not url.startswith("file://"):
+        return False
+    return shares_filesystem(Path(urlsplit(url).path), data_dir)

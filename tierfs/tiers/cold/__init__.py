@@ -14,14 +14,16 @@ owns the device. Modules:
 * `errors`: `RecordError` (a `FrameError`) and `ColdError` (a `TierfsError`) and its kinds.
 
 How the caller uses it. Migration: `locs = allocator.append_batch(klass, frames)` (worker
-thread; the records are durable on return), then one operation that points each chunk at its
-new location and frees its hot frame (freed once that commit is durable), `usage.add(loc,
-klass)` for each, and `allocator.settle(locs)`. Reads: look up the location and
-`usage.pin(zone)` in the same synchronous step, then `read_chunk` in a worker thread. Reclaim:
-after durable commits, `reclaimer.reset_empty(durable_commits)`; when `pick_victims()` names
-zones, `relocate(victim, live)`, commit each move whose chunk is still at the old location
-(`usage.move`), settle the new locations (and those of moves not committed), and reset the
-victim once `reset` allows it.
+thread; the records are durable on return; with `partial=True`, the records that fit, which
+may be fewer), then one operation that points each chunk at its new location and frees its
+hot frame (freed once that commit is durable), `usage.add(loc, klass)` for each, and
+`allocator.settle(locs)`. Reads: look up the location and `usage.pin(zone)` in the same
+synchronous step, then `read_chunk` in a worker thread. Reclaim: after durable commits,
+`reclaimer.reset_empty(durable_commits)`; when `pick_victims(need=...)` names zones (`need`:
+the bytes of records a blocked append still waits for, else 0), scan each victim,
+skip it unless `worth_relocating(victim, entries)`, `relocate(victim, live)`, commit each
+move whose chunk is still at the old location (`usage.move`), settle the new locations (and
+those of moves not committed), and reset the victim once `reset` allows it.
 
 Crash table (library level). "Device" is what the zones hold, "index" what the caller has
 committed. The rule that makes every row safe: **live bytes come only from committed

@@ -8,7 +8,8 @@ How zones are chosen (after ZenFS and btrfs, zns.md A.5):
   data. A zone holds the records of one stream only.
 * **Reserve.** `reserve` EMPTY zones are kept back: only relocation (reclaim) may open them,
   so that reclaim can always make progress when fresh appends have filled the device. A fresh
-  append that would need one raises `ColdFull` before writing anything.
+  append that would need one raises `ColdFull` before writing anything (or, asked for a
+  `partial` append, writes the records that fit and leaves the rest to the caller).
 * **Active limit.** When the device's active-zone limit is reached, the allocator FINISHES
   the fullest active zone (least capacity left) instead of blocking, as ZenFS and btrfs do;
   its stream moves on to a new zone next time. The open limit needs nothing: writes open
@@ -201,22 +202,35 @@ class ZoneAllocator:
     # -- appending
 
     def append_batch(
-        self, klass: int, frames: Sequence[bytes | memoryview], *, relocated: bool = False
+        self,
+        klass: int,
+        frames: Sequence[bytes | memoryview],
+        *,
+        relocated: bool = False,
+        partial: bool = False,
     ) -> list[Location]:
         """Append one record per chunk frame to the stream of `klass`, flush, and return the
         records' locations in order (worker thread).
 
         `relocated` marks records copied by reclaim: they go to their own stream and may use
         the reserve. Raises `ColdFull` (nothing written) when the batch would need more free
-        zones than it may take, `AppendError` when the device fails part way (the records
-        written whole before are durable and listed in it), and `ValueError` for a frame
-        that is not a frame or a record larger than a zone. Every location returned (or
-        listed in an `AppendError`) must be `settle`d by the caller."""
+        zones than it may take; with `partial`, only when not even its first record fits:
+        otherwise the records that fit (a prefix of the batch) are written and their
+        locations returned, fewer than the frames given. Raises `AppendError` when the device
+        fails part way (the records written whole before are durable and listed in it), and
+        `ValueError` for a frame that is not a frame or a record larger than a zone. Every
+        location returned (or listed in an `AppendError`) must be `settle`d by the caller."""
         key: StreamKey = (klass, relocated)
         if not 0 <= klass <= 0xFF:
             raise ValueError(f"lifetime class {klass} does not fit a byte")
         sizes = [record_len(frame_info(f).frame_len, self.lba) for f in frames]
-        self._check_room(key, sizes)
+        fit = self._fitting(key, sizes)
+        if fit < len(sizes) and (fit == 0 or not partial):
+            beyond = "" if relocated else f" beyond the reserve of {self.reserve}"
+            raise ColdFull(
+                f"cold store full: no EMPTY zone for class {klass}{beyond} (reclaim or evict first)"
+            )
+        frames, sizes = frames[:fit], sizes[:fit]
         flags = FLAG_RELOCATED if relocated else 0
         batch = _Batch()
         try:
@@ -255,9 +269,10 @@ class ZoneAllocator:
             )
         return batch.written
 
-    def _check_room(self, key: StreamKey, sizes: list[int]) -> None:
-        """Raise ColdFull (before any write) if the batch needs more EMPTY zones than the
-        stream may take: fresh appends leave `reserve` EMPTY zones untouched."""
+    def _fitting(self, key: StreamKey, sizes: list[int]) -> int:
+        """How many of the records, from the first, the stream can take now (no write):
+        its zone's room, then the EMPTY zones it may open (fresh appends leave `reserve`
+        EMPTY zones untouched)."""
         largest = max((s.capacity for s in self.zones.values()), default=0)
         for size in sizes:
             if size > largest:
@@ -265,15 +280,13 @@ class ZoneAllocator:
         current = self._current(key)
         rooms = [self.zones[z].capacity for z in self._usable_free(key)]
         room = self.zones[current].room if current is not None else 0
-        for size in sizes:
+        for count, size in enumerate(sizes):
             while size > room:
                 if not rooms:
-                    raise ColdFull(
-                        f"cold store full: no EMPTY zone for class {key[0]} beyond the "
-                        f"reserve of {self.reserve} (reclaim or evict first)"
-                    )
+                    return count
                 room = rooms.pop(0)
             room -= size
+        return len(sizes)
 
     def _usable_free(self, key: StreamKey) -> list[int]:
         """The EMPTY zones a stream may open: all for relocation, all but the reserve
