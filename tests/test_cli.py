@@ -139,6 +139,7 @@ def test_status_json_from_mountpoint_and_data_dir(fs: Mount) -> None:
     fs.umount()
     offline = json.loads(run_cli("status", fs.data, "--json").stdout)
     assert offline["mounted"] is False and offline["logical_bytes"] == 10000
+    assert offline["upstream"] == {"url": None}
     assert "site" in run_cli("status", fs.data).stdout
 
 

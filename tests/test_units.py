@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.ranges import RangeSet
 from tierfs.meta.records import Inode, decode_staged, encode_staged
 from tierfs.snap.schedule import Schedule
+from tierfs.upstream.congestion import Congestion
 
 ops = st.lists(
     st.one_of(
@@ -122,3 +124,22 @@ def test_schedule_due_times() -> None:
     assert (due.day, due.hour, due.minute) == (8, 2, 0)
     early = datetime.datetime(2026, 12, 7, 1, 0).timestamp()
     assert datetime.datetime.fromtimestamp(daily.next_due(None, early)).day == 7
+
+
+def test_uploads_in_flight_back_off_when_puts_slow_down() -> None:
+    limiter = trio.CapacityLimiter(4)
+    congestion = Congestion(limiter, most=4)
+    mib = 1 << 20
+    congestion.observe(8 * mib, 0.8)  # 0.1 s/MiB: the best so far
+    assert limiter.total_tokens == 4
+    congestion.observe(8 * mib, 4.0)  # five times slower: halve
+    assert limiter.total_tokens == 2 and congestion.backoffs == 1
+    congestion.observe(8 * mib, 8.0)
+    assert limiter.total_tokens == 1
+    congestion.observe(8 * mib, 8.0)  # never below one
+    assert limiter.total_tokens == 1 and congestion.backoffs == 2
+    congestion.observe(4 * mib, 0.4)  # back to normal: one more at a time
+    congestion.observe(4 * mib, 0.4)
+    assert limiter.total_tokens == 3
+    congestion.observe(1024, 100.0)  # too small to tell
+    assert limiter.total_tokens == 3

@@ -44,9 +44,10 @@ def collect(
     hot_live = ChunkIndex(store).hot_live_bytes(tx)
     tiers["cold"] = {"bytes": _cold_live(store, tx)}
     tiers["hot"] = {"bytes": _allocated(data_dir.hot), "stored_bytes": hot_live}
+    cfg = config.load(data_dir.root)
     doc: dict[str, Any] = {
         "schema_version": STATUS_SCHEMA_VERSION,
-        "site": config.load(data_dir.root).site,
+        "site": cfg.site,
         "fs_uuid": info["uuid"],
         "metadata_schema": info["schema"],
         "mounted": mounted,
@@ -65,6 +66,7 @@ def collect(
         },
         "queue": {"pending_bytes": 0},
         "snapshots": _snapshots(store, tx),
+        "upstream": {"url": cfg.get("regional", "url") or None},
         "errors": {"io": 0, "checksum": 0},
         "metadata": {"bytes": _allocated(data_dir.meta)},
     }
@@ -119,11 +121,23 @@ def render_table(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"chunks          {chunks['count']:,} ({_human(chunks['stored_bytes'])} stored)",
-        f"upload queue    {_human(doc['queue']['pending_bytes'])}",
         f"snapshots       {snaps['count']} (latest: {snaps['latest'] or '-'})",
+        f"regional store  {_upstream_line(doc['upstream'])}",
         "errors          " + ", ".join(f"{k}={v}" for k, v in doc["errors"].items()),
     ]
     return "\n".join(lines)
+
+
+def _upstream_line(upstream: dict[str, Any]) -> str:
+    if not upstream.get("url"):
+        return "-"
+    queue = upstream.get("queue")
+    if queue is None:  # not mounted
+        return str(upstream["url"])
+    alarms = upstream.get("alarms") or []
+    return f"{upstream['url']}, {queue['snapshots']} snapshots queued" + (
+        f"; {len(alarms)} alarms (status --json)" if alarms else ""
+    )
 
 
 def _human(n: int) -> str:

@@ -198,6 +198,7 @@ class Model:
     def problems(self, observed: Observed) -> list[str]:
         """Every way `observed` is not a state this model allows (empty: all fine)."""
         out: list[str] = []
+        holders = self.assign(observed)
         for name, content in sorted(observed.contents.items()):
             candidates = [f for f in self.files if name in f.locations]
             if not candidates:
@@ -207,38 +208,77 @@ class Model:
                     f"{name}: holds {describe(content)}, a state no candidate ever had: "
                     + "; ".join(f.describe() for f in candidates)
                 )
+            elif name not in holders:
+                out.append(
+                    f"{name}: holds {describe(content)}, but every file that may hold it is "
+                    "present under another name: " + "; ".join(f.describe() for f in candidates)
+                )
         for f in self.files:
             if f.must_exist() and not any(n in observed.contents for n in f.locations):
                 out.append(f"{f.key}: missing: {f.describe()}")
         return out
 
-    def where(self, f: FileModel, observed: Observed) -> str | None:
-        """The name under which `f` is present (its current name first), if any."""
-        names = sorted((n for n in f.locations if n is not None), key=lambda n: n != f.name)
-        for name in names:
-            content = observed.contents.get(name)
-            if content is not None and f.accepts(content):
-                return name
-        return None
+    def assign(self, observed: Observed) -> dict[str, FileModel]:
+        """Which file each present name holds: no file at two names, no two files at one
+        name, each file at a name among its `locations` whose bytes it accepts.
+
+        Bytes alone do not always tell the files apart: an empty file, a tail of zeros, or the
+        "<" every pattern starts with may be accepted by several files, so a file may accept
+        the name another file is at. A first-fit choice could then give that name to the wrong
+        file and leave the right one's name to no file, and a name no file holds falls out of
+        the model (`settle`). A maximum matching (augmenting paths) gives a file to every name
+        that any assignment can. Files that are certain come first, then those that may be at
+        a name with their own inode number; each tries that name first, then its current one.
+        """
+        options: dict[int, list[str]] = {}
+        for f in self.files:
+            names = [
+                n
+                for n in f.locations
+                if n is not None and n in observed.contents and f.accepts(observed.contents[n])
+            ]
+            options[id(f)] = sorted(
+                names, key=lambda n: (observed.inos.get(n) != f.ino, n != f.name, n)
+            )
+        holders: dict[str, FileModel] = {}
+
+        def place(f: FileModel, tried: set[str]) -> bool:
+            for name in options[id(f)]:
+                if name in tried:
+                    continue
+                tried.add(name)
+                other = holders.get(name)
+                if other is None or place(other, tried):
+                    holders[name] = f
+                    return True
+            return False
+
+        def order(f: FileModel) -> tuple[bool, bool]:
+            own_ino = any(observed.inos.get(n) == f.ino for n in options[id(f)])
+            return (f.name is None, not own_ino)
+
+        for f in sorted((f for f in self.files if options[id(f)]), key=order):
+            place(f, set())
+        return holders
 
     def gone(self, observed: Observed) -> list[FileModel]:
         """Files absent after the crash whose inode number no present file has taken over."""
         taken = set(observed.inos.values())
+        present = {id(f) for f in self.assign(observed).values()}
         return [
             f
             for f in self.files
-            if f.ino is not None and f.ino not in taken and self.where(f, observed) is None
+            if f.ino is not None and f.ino not in taken and id(f) not in present
         ]
 
     def settle(self, observed: Observed) -> None:
         """After a checked remount the observed state is the new certain, durable state."""
-        claimed: set[str] = set()
-        for f in sorted(self.files, key=lambda f: f.name is None):
-            name = self.where(f, observed)
-            if name is None or name in claimed:
+        at = {id(f): name for name, f in self.assign(observed).items()}
+        for f in self.files:
+            name = at.get(id(f))
+            if name is None:
                 f.name, f.locations, f.uncertain = None, {None}, False
                 continue
-            claimed.add(name)
             content = observed.contents[name]
             f.name, f.locations, f.ino = name, {name}, observed.inos[name]
             f.uncertain = False

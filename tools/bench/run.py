@@ -16,17 +16,13 @@ import datetime
 import logging
 import os
 import re
-import shlex
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
-from tools.bench import chunking, datapath, profiling, report, system, workloads
+from tools.bench import chunking, datapath, harness, profiling, report, system, workloads
 from tools.bench.phases import Figures, Phases, make_cold, settle
 from tools.bench.targets import REPO_ROOT, Target, build
 
@@ -35,7 +31,6 @@ if TYPE_CHECKING:  # imported where used: tools.bench.cold and .delta import thi
 
 log = logging.getLogger("tools.bench")
 
-WORK_DIR_CANDIDATES = (Path("/var/tmp"), Path("/work"))
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -205,31 +200,6 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-# -- the work directory --------------------------------------------------------------------
-
-
-def work_parent(requested: Path | None) -> Path:
-    """Where the work dir goes: never memory (tmpfs), since the figures are about disks."""
-    if requested is not None:
-        if system.is_memory_backed(requested):
-            log.warning("%s is memory-backed: the figures will not measure a disk", requested)
-        return requested
-    for candidate in WORK_DIR_CANDIDATES:
-        usable = candidate.is_dir() and os.access(candidate, os.W_OK)
-        if usable and not system.is_memory_backed(candidate):
-            return candidate
-    raise SystemExit("no disk-backed work directory found; pass --work-dir")
-
-
-def remove_work_dir(work_dir: Path) -> None:
-    """Delete the work dir, unless a mount under it survived (never delete through a mount)."""
-    left = system.mounts_under(work_dir)
-    if left:
-        log.error("not removing %s: still mounted: %s", work_dir, ", ".join(map(str, left)))
-        return
-    shutil.rmtree(work_dir, ignore_errors=True)
-
-
 # -- measuring -------------------------------------------------------------------------------
 
 
@@ -289,22 +259,15 @@ def run_all(targets: Sequence[Target], args: argparse.Namespace) -> tuple[Result
 # -- signals and cleanup ------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def stop_all(targets: Sequence[Target], work_dir: Path) -> None:
     """Unmount everything and remove the work dir; a second Ctrl-C must not cut this short."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    harness.ignore_signals()
     for target in reversed(targets):
         try:
             target.stop()
         except Exception:
             log.exception("stopping %s failed", target.name)
-    for mountpoint in system.mounts_under(work_dir):
-        system.fusermount_unmount(mountpoint, lazy=True)
-    remove_work_dir(work_dir)
+    harness.unmount_and_remove(work_dir)
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -400,7 +363,7 @@ def write_report(
         **{f"FUSE options ({name})": opts for name, opts in options.items()},
     }
     run = report.Run(
-        command=shlex.join(["python", "-m", "tools.bench.run", *argv]),
+        command=harness.command("tools.bench.run", argv),
         date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         machine=machine,
         settings=settings,
@@ -524,11 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    harness.setup_logging(args.verbose)
     if {"foundation", "datapath"} <= set(args.skip):
         return sections_only(args)
     if os.geteuid() != 0:
@@ -537,9 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None and not profiling.available():
         log.error("--profile needs py-spy next to %s (pip install py-spy)", sys.executable)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
-    work_dir = Path(tempfile.mkdtemp(prefix="tierfs-bench-", dir=work_parent(args.work_dir)))
+    signal.signal(signal.SIGTERM, harness.interrupt)
+    signal.signal(signal.SIGHUP, harness.interrupt)
+    work_dir = harness.make_work_dir(harness.work_parent(args.work_dir), "tierfs-bench-")
     log.info("work directory %s", work_dir)
     if warning := system.busy_warning():
         log.warning("%s", warning)
@@ -556,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = chunking.section(outcome) if outcome is not None else None
     cold_outcome = run_cold(args)
     delta_outcome = run_delta(args)
-    run_command = shlex.join(["python", "-m", "tools.bench.run", *argv])
+    run_command = harness.command("tools.bench.run", argv)
     cold_section = None
     if cold_outcome is not None:
         cold_section = cold.section(cold_outcome, run_command)

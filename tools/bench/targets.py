@@ -215,6 +215,15 @@ class Tierfs:
             "staging_bytes": tiers["staging"]["bytes"],
         }
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the daemon's log, to say why a command or request failed."""
+        out = []
+        for name in ("tierfs.log", "daemon.stderr"):
+            with contextlib.suppress(OSError):
+                text = (DataDir(self.data).log_dir / name).read_text(errors="replace")
+                out += [f"--- {name}", *text.splitlines()[-lines:]]
+        return "\n".join(out)
+
     def daemon_pid(self) -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return int(DataDir(self.data).pid_file.read_text())

@@ -94,17 +94,23 @@ def seq_write(path: Path, data: bytes, size: int) -> float:
     return size / MB / max(times.fsynced, 1e-9)
 
 
-def seq_read(path: Path, size: int) -> float:
-    """MB/s of reading the file back in IO_SIZE reads into one reused buffer."""
-    buf = bytearray(IO_SIZE)
+def read_through(path: Path, buf: bytearray) -> int:
+    """Open the file and read it to its end in reads of `buf`'s size; the bytes read."""
     total = 0
-    started = time.perf_counter()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         while n := os.readv(fd, [buf]):
             total += n
     finally:
         os.close(fd)
+    return total
+
+
+def seq_read(path: Path, size: int) -> float:
+    """MB/s of reading the file back in IO_SIZE reads into one reused buffer."""
+    buf = bytearray(IO_SIZE)
+    started = time.perf_counter()
+    total = read_through(path, buf)
     rate = _rate(total / MB, started)
     if total != size:
         raise RuntimeError(f"{path}: read {total} bytes, expected {size}")

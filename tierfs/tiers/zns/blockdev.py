@@ -80,7 +80,8 @@ import struct
 from pathlib import Path
 
 from tierfs.errors import ExitCode, TierfsError
-from tierfs.tiers.zns.device import ZonedDevice
+from tierfs.tiers.zns.device import ZonedDevice, ZoneGeometry
+from tierfs.tiers.zns.device import zone_error as _err
 from tierfs.tiers.zns.model import (
     BLK_ZONE,
     BLK_ZONE_REP_CAPACITY,
@@ -129,10 +130,6 @@ _ERRNO_MAP = {
 def map_errno(code: int) -> int:
     """The interface's errno for one the kernel returned."""
     return _ERRNO_MAP.get(code, code)
-
-
-def _err(code: int, why: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {why}")
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -241,7 +238,7 @@ class _ZoneState:
     stale: bool = False
 
 
-class ZonedBlockDevice(ZonedDevice):
+class ZonedBlockDevice(ZoneGeometry, ZonedDevice):
     """A host-managed zoned block device at `path` as a `ZonedDevice`."""
 
     def __init__(
@@ -368,33 +365,14 @@ class ZonedBlockDevice(ZonedDevice):
 
     # -- geometry
 
-    def zone_start(self, z: int) -> int:
-        return z * self.geometry.zone_size
-
     def zone_end(self, z: int) -> int:
         self._check_zone(z)
         state = self._zones[z]
         return state.start + state.capacity
 
-    def zone_of(self, offset: int) -> int:
-        z = offset // self.geometry.zone_size
-        if not 0 <= z < self.geometry.nr_zones:
-            raise _err(errno.EINVAL, f"offset {offset} is outside the device")
-        return z
-
-    def zone_size_sectors(self) -> int:
-        return self.geometry.zone_size // SECTOR
-
-    def nr_zones(self) -> int:
-        return self.geometry.nr_zones
-
     def is_conventional(self, z: int) -> bool:
         self._check_zone(z)
         return self._zones[z].conventional
-
-    def _check_zone(self, z: int) -> None:
-        if not 0 <= z < self.geometry.nr_zones:
-            raise _err(errno.EINVAL, f"no zone {z}")
 
     # -- reports
 
@@ -506,13 +484,6 @@ class ZonedBlockDevice(ZonedDevice):
         return sum(c.is_open for c in conds), sum(c.is_active for c in conds)
 
     # -- I/O
-
-    def _check_io(self, offset: int, length: int) -> None:
-        lba = self.geometry.lba_size
-        if offset % lba or length % lba or offset < 0:
-            raise _err(errno.EINVAL, "I/O not aligned to the logical block size")
-        if offset + length > self.geometry.device_size:
-            raise _err(errno.EINVAL, "I/O past the end of the device")
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -16,15 +16,61 @@ Positions are bytes from the start of the device (zone `z` starts at `z * zone_s
 `Zone` reports use 512-byte sectors as `struct blk_zone` does. Devices are synchronous and
 not thread-safe: callers serialise access and run it in a worker thread.
 
-`EmulatedZonedDevice` satisfies the protocol structurally (its module is not changed for it);
-`ZonefsDevice` declares it.
+`EmulatedZonedDevice` satisfies the protocol structurally; `ZonefsDevice` and
+`ZonedBlockDevice` declare it. All three take the geometry arithmetic that follows from
+`geometry` alone (and the checks of zone indices and I/O ranges) from `ZoneGeometry`.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Protocol, runtime_checkable
 
-from tierfs.tiers.zns.model import Geometry, Zone
+from tierfs.tiers.zns.model import SECTOR, Geometry, Zone
+
+
+def zone_error(code: int, why: str) -> OSError:
+    """`OSError(code)` as the backends raise it: the errno's text, then why."""
+    return OSError(code, f"{os.strerror(code)}: {why}")
+
+
+class ZoneGeometry:
+    """The part of `ZonedDevice` every backend answers from `geometry` alone: zone positions
+    and counts, and the EINVAL checks of zone indices and of I/O alignment and range. Listed
+    first among a backend's bases, so that it overrides the protocol's stubs."""
+
+    geometry: Geometry
+
+    def zone_start(self, z: int) -> int:
+        """Byte offset of zone `z`."""
+        return z * self.geometry.zone_size
+
+    def zone_of(self, offset: int) -> int:
+        """The zone holding byte `offset` (EINVAL outside the device)."""
+        z = offset // self.geometry.zone_size
+        if not 0 <= z < self.geometry.nr_zones:
+            raise zone_error(errno.EINVAL, f"offset {offset} is outside the device")
+        return z
+
+    def zone_size_sectors(self) -> int:
+        """The zone size in sectors, as BLKGETZONESZ answers."""
+        return self.geometry.zone_size // SECTOR
+
+    def nr_zones(self) -> int:
+        """The number of zones, as BLKGETNRZONES answers."""
+        return self.geometry.nr_zones
+
+    def _check_zone(self, z: int) -> None:
+        if not 0 <= z < self.geometry.nr_zones:
+            raise zone_error(errno.EINVAL, f"no zone {z}")
+
+    def _check_io(self, offset: int, length: int) -> None:
+        lba = self.geometry.lba_size
+        if offset % lba or length % lba or offset < 0:
+            raise zone_error(errno.EINVAL, "I/O not aligned to the logical block size")
+        if offset + length > self.geometry.device_size:
+            raise zone_error(errno.EINVAL, "I/O past the end of the device")
 
 
 @runtime_checkable

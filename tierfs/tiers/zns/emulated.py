@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.osutil import punch_hole
+from tierfs.tiers.zns.device import ZoneGeometry
+from tierfs.tiers.zns.device import zone_error as _err
 from tierfs.tiers.zns.model import (
     BLK_ZONE_REP_CAPACITY,
     REPORT_HEADER,
@@ -40,11 +42,7 @@ SIDECAR_MAGIC = b"TFZONES1"
 _ZONE_STATE = struct.Struct("=QBB6x")
 
 
-def _err(code: int, why: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {why}")
-
-
-class EmulatedZonedDevice:
+class EmulatedZonedDevice(ZoneGeometry):
     """A zoned device on `path` (data) and `path.zones` (state)."""
 
     def __init__(self, path: Path, geometry: Geometry) -> None:
@@ -142,24 +140,9 @@ class EmulatedZonedDevice:
 
     # -- geometry
 
-    def zone_start(self, z: int) -> int:
-        return z * self.geometry.zone_size
-
     def zone_end(self, z: int) -> int:
         """End of the writable part (start + capacity)."""
         return self.zone_start(z) + self.geometry.zone_capacity
-
-    def zone_of(self, offset: int) -> int:
-        z = offset // self.geometry.zone_size
-        if not 0 <= z < self.geometry.nr_zones:
-            raise _err(errno.EINVAL, f"offset {offset} is outside the device")
-        return z
-
-    def zone_size_sectors(self) -> int:
-        return self.geometry.zone_size // SECTOR
-
-    def nr_zones(self) -> int:
-        return self.geometry.nr_zones
 
     def is_conventional(self, z: int) -> bool:
         return z < self.geometry.nr_conv
@@ -246,13 +229,6 @@ class EmulatedZonedDevice:
             self._imp_lru.remove(z)
 
     # -- I/O
-
-    def _check_io(self, offset: int, length: int) -> None:
-        lba = self.geometry.lba_size
-        if offset % lba or length % lba or offset < 0:
-            raise _err(errno.EINVAL, "I/O not aligned to the logical block size")
-        if offset + length > self.geometry.device_size:
-            raise _err(errno.EINVAL, "I/O past the end of the device")
 
     def write(self, offset: int, data: bytes) -> None:
         """A regular write: in a sequential zone only at the write pointer."""

@@ -67,7 +67,8 @@ from pathlib import Path
 
 from tierfs.datadir import unescape_mountinfo
 from tierfs.errors import ExitCode, TierfsError
-from tierfs.tiers.zns.device import ZonedDevice
+from tierfs.tiers.zns.device import ZonedDevice, ZoneGeometry
+from tierfs.tiers.zns.device import zone_error as _err
 from tierfs.tiers.zns.model import SECTOR, WP_INVALID, Cond, Geometry, Zone, ZoneType
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,6 @@ def map_errno(code: int, *, write: bool) -> int:
 
     EIO, EOVERFLOW and ETOOMANYREFS come from the drive through zonefs unchanged."""
     return (_WRITE if write else _COMMON).get(code, code)
-
-
-def _err(code: int, why: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {why}")
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -135,7 +132,7 @@ class _Writer:
     pinned: bool
 
 
-class ZonefsDevice(ZonedDevice):
+class ZonefsDevice(ZoneGeometry, ZonedDevice):
     """The sequential zones of a zonefs mount at `root` as a `ZonedDevice`."""
 
     def __init__(
@@ -224,30 +221,11 @@ class ZonefsDevice(ZonedDevice):
 
     # -- geometry
 
-    def zone_start(self, z: int) -> int:
-        return z * self.geometry.zone_size
-
     def zone_end(self, z: int) -> int:
         return self.zone_start(z) + self._capacity(z)
 
-    def zone_of(self, offset: int) -> int:
-        z = offset // self.geometry.zone_size
-        if not 0 <= z < self.geometry.nr_zones:
-            raise _err(errno.EINVAL, f"offset {offset} is outside the device")
-        return z
-
-    def zone_size_sectors(self) -> int:
-        return self.geometry.zone_size // SECTOR
-
-    def nr_zones(self) -> int:
-        return self.geometry.nr_zones
-
     def is_conventional(self, z: int) -> bool:
         return False
-
-    def _check_zone(self, z: int) -> None:
-        if not 0 <= z < self.geometry.nr_zones:
-            raise _err(errno.EINVAL, f"no zone {z}")
 
     def _capacity(self, z: int) -> int:
         """Zone `z`'s capacity (its file's maximum size); only the last zone may differ."""
@@ -369,13 +347,6 @@ class ZonefsDevice(ZonedDevice):
             log.warning("closing zone %d of %s: %s", z, self.root, exc)
 
     # -- I/O
-
-    def _check_io(self, offset: int, length: int) -> None:
-        lba = self.geometry.lba_size
-        if offset % lba or length % lba or offset < 0:
-            raise _err(errno.EINVAL, "I/O not aligned to the logical block size")
-        if offset + length > self.geometry.device_size:
-            raise _err(errno.EINVAL, "I/O past the end of the device")
 
     def write(self, offset: int, data: bytes) -> None:
         self._check_io(offset, len(data))
