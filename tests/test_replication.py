@@ -34,7 +34,7 @@ from tierfs.snap import keys
 from tierfs.snap import manifest as manifest_mod
 from tierfs.snap import treeformat as tf
 from tierfs.snap.keys import VerificationError
-from tierfs.snap.tree import file_extents, walk
+from tierfs.snap.tree import file_bytes, walk
 from tierfs.upstream import pack as packfmt
 from tierfs.upstream.objectstore import ObjectStore, StoreSettings, open_store
 from tierfs.upstream.siteindex import RegionIndex
@@ -81,11 +81,7 @@ class Region:
             if entry.type is not tf.FileType.REG:
                 out[path] = entry
                 continue
-            content = bytearray(entry.size)
-            for x in file_extents(self.fetch, entry, self.content_id):
-                chunk = self.fetch(x.chunk_id)
-                content[x.file_off : x.end] = chunk[x.chunk_off : x.chunk_off + x.length]
-            out[path] = bytes(content)
+            out[path] = file_bytes(self.fetch, entry, self.content_id)
         return out
 
     def packed_chunks(self) -> list[bytes]:

@@ -24,7 +24,7 @@ from tierfs.meta.store import MetaStore
 from tierfs.snap import treeformat as tf
 from tierfs.snap.catalog import Catalog
 from tierfs.snap.localchunks import LocalChunks
-from tierfs.snap.tree import file_extents, walk
+from tierfs.snap.tree import file_bytes, walk
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -57,11 +57,7 @@ def snapshot_files(data: Path, snapshot_id: str) -> dict[bytes, tf.Entry | bytes
                 if entry.type is not tf.FileType.REG:
                     out[path] = entry
                     continue
-                content = bytearray(entry.size)
-                for x in file_extents(chunks.fetch, entry, cid):
-                    chunk = chunks.fetch(x.chunk_id)
-                    content[x.file_off : x.end] = chunk[x.chunk_off : x.chunk_off + x.length]
-                out[path] = bytes(content)
+                out[path] = file_bytes(chunks.fetch, entry, cid)
             return out
     finally:
         store.close()

@@ -469,6 +469,16 @@ def _children(fetch: Fetch, tree_id: bytes, content_id: ContentId | None) -> lis
     return tf.decode_tree(_fetch_checked(fetch, tree_id, content_id), tf.KIND_DIR)
 
 
+def file_bytes(fetch: Fetch, entry: tf.Entry, content_id: ContentId | None = None) -> bytes:
+    """A regular file's whole content from its tree entry, holes as zeros; `fetch` gives
+    plaintext by id, for extent-list blobs and data chunks alike."""
+    out = bytearray(entry.size)
+    for x in file_extents(fetch, entry, content_id):
+        chunk = fetch(x.chunk_id)
+        out[x.file_off : x.end] = chunk[x.chunk_off : x.chunk_off + x.length]
+    return bytes(out)
+
+
 def file_extents(
     fetch: Fetch, entry: tf.Entry, content_id: ContentId | None = None
 ) -> Iterator[Extent]:

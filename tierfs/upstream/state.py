@@ -54,10 +54,6 @@ class UpstreamRecord:
             raise TierfsError("upstream record has an unknown version", ExitCode.VERSION)
         return cls(flags, bytes(data[_RECORD.size :]).decode(), offset, length, raw_len)
 
-    @property
-    def entry(self) -> PackEntry:
-        return PackEntry(b"", self.offset, self.length, self.raw_len)
-
 
 class UpstreamState:
     """The `upstream`, `pack_intents` and `index_pending` databases of one index."""
@@ -89,9 +85,6 @@ class UpstreamState:
                     dataclasses.replace(record, flags=record.flags | COMPLETE).encode(),
                     db=self.store.upstream,
                 )
-
-    def count(self, tx: Any = None) -> int:
-        return int((tx or self.store.tx).stat(self.store.upstream)["entries"])
 
     # -- packs in flight
 
