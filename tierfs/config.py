@@ -331,6 +331,51 @@ SETTINGS: tuple[Setting, ...] = (
         1,
     ),
     Setting(
+        "regional",
+        "read_timeout",
+        float,
+        30.0,
+        "Seconds a read of data that is only upstream (evicted, or a damaged local copy) may\n"
+        "# wait for the regional store before it fails with EIO.",
+        0.1,
+    ),
+    Setting(
+        "evict",
+        "high_pct",
+        int,
+        90,
+        "With a regional store: when local chunk copies (hot + cold) pass this share of the\n"
+        "# local capacity, copies of chunks that are durable upstream are dropped...",
+        1,
+    ),
+    Setting("evict", "low_pct", int, 80, "...down to this share.", 0),
+    Setting(
+        "evict",
+        "capacity_mb",
+        int,
+        0,
+        "Local capacity for chunk copies in MiB; 0: hot.max_mb (or the data disk's size)\n"
+        "# plus the cold device's capacity.",
+        0,
+    ),
+    Setting("evict", "interval", float, 10.0, "Seconds between checks of the watermark.", 0.1),
+    Setting(
+        "evict",
+        "keep_fetched",
+        bool,
+        True,
+        "Keep data read back from the regional store in the hot tier (below the high\n"
+        "# watermark), so that the next read is local.",
+    ),
+    Setting(
+        "evict",
+        "prefetch",
+        bool,
+        False,
+        "Fetch evicted data back in the background while local copies are below the low\n"
+        "# watermark (with keep_fetched). `tierfs restore site` turns it on for a rebuilt site.",
+    ),
+    Setting(
         "cold",
         "device",
         str,
@@ -381,6 +426,24 @@ SETTINGS: tuple[Setting, ...] = (
         "A zone is relocated only when at least this share of it is garbage (any share\n"
         "# while migration waits for room).",
         0.0,
+    ),
+    Setting(
+        "snapshots",
+        "dir_name",
+        str,
+        ".snapshots",
+        "Name, in the root of the mount, of the read-only directory that lists the local\n"
+        "# snapshots by id (each a point-in-time view of the whole tree). The name is reserved:\n"
+        "# it cannot be created, removed or renamed, and hides a real entry of that name.",
+    ),
+    Setting(
+        "snapshots",
+        "show_dir",
+        bool,
+        False,
+        "List the snapshot directory in the root's listing (ls -a); when false it is still\n"
+        "# reached by its name (cd /mnt/.snapshots), but find, du and backups of the mount\n"
+        "# do not descend into every snapshot.",
     ),
     Setting(
         "log",
@@ -509,6 +572,8 @@ def parse(raw: dict[str, Any], where: str) -> Config:
     config = Config(values, parse_schedules(schedules, where))
     _check_regional(config, where)
     _check_cold(config, where)
+    if config.get("evict", "low_pct") > config.get("evict", "high_pct"):
+        raise TierfsError(f"{where}: evict.low_pct is above evict.high_pct", ExitCode.CONFIG)
     return config
 
 
@@ -554,6 +619,10 @@ def _validate(setting: Setting, value: Any, where: str) -> Any:
             f"{where}: {name} must be file:///absolute/path or s3://bucket/prefix",
             ExitCode.CONFIG,
         )
+    if name == "snapshots.dir_name" and (
+        not 0 < len(value.encode()) <= 255 or "/" in value or "\0" in value or value in (".", "..")
+    ):
+        raise TierfsError(f"{where}: {name} must be a file name (no /)", ExitCode.CONFIG)
     if name == "site.name" and (not value or "/" in value):
         raise TierfsError(f"{where}: site.name must be a non-empty name", ExitCode.CONFIG)
     return value

@@ -32,8 +32,13 @@ from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.coldtier import ColdPolicy, ColdTier
 from tierfs.data.compactor import Compactor
+from tierfs.data.evictor import Evictor, EvictPolicy, segment_mtime
 from tierfs.data.extents import ExtentMap
+from tierfs.data.keeper import Keeper
+from tierfs.data.prefetcher import Prefetcher
+from tierfs.data.prefetcher import status as prefetch_status
 from tierfs.data.reader import FileReader
+from tierfs.data.readthrough import ReadThrough
 from tierfs.data.sealer import Sealer, SealPolicy
 from tierfs.datadir import FSTYPE, DataDir, MountLock, mount_device
 from tierfs.errors import ExitCode, TierfsError
@@ -51,9 +56,11 @@ from tierfs.tiers.cold import devspec
 from tierfs.tiers.cold.errors import ColdFull
 from tierfs.tiers.cold.zones import Lifetime
 from tierfs.tiers.hot import HotStore
+from tierfs.upstream.fetch import RegionReader
 from tierfs.upstream.metered import MeteredStore
 from tierfs.upstream.objectstore import StoreSettings, open_store
 from tierfs.upstream.replicator import Replicator, ReplicatorSettings
+from tierfs.upstream.state import UpstreamState
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,9 @@ class Daemon:
     snapshots: SnapshotManager
     replicator: Replicator | None
     scheduler: Scheduler
+    evictor: Evictor | None = None
+    keeper: Keeper | None = None
+    prefetcher: Prefetcher | None = None
 
     async def handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
         self.durability.commit()
@@ -102,11 +112,28 @@ class Daemon:
             },
             "snapshots": {**self.snapshots.status(), "schedules": self.scheduler.status()},
             "upstream": self.replicator.status() if self.replicator else {"url": None},
+            "eviction": self._eviction_status(),
         }
         doc = status.collect(self.data_dir, self.store, self.store.tx, True, extra)
         if self.cold is not None:
             doc["tiers"]["cold"] = self.cold.status()
         return {"status": doc}
+
+    def _eviction_status(self) -> dict[str, Any]:
+        if self.evictor is None or self.keeper is None or self.reader.region is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "local_bytes": self.evictor.local_bytes(),
+            "capacity_bytes": self.evictor.policy.capacity,
+            "high_pct": self.evictor.policy.high_pct,
+            "low_pct": self.evictor.policy.low_pct,
+            **dataclasses.asdict(self.evictor.counters),
+            **dataclasses.asdict(self.keeper.counters),
+            **dataclasses.asdict(self.reader.region.counters),
+            "prefetching": self.prefetcher is not None,
+            **prefetch_status(self.prefetcher),
+        }
 
     async def handle_sync(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.durability.sync(None)
@@ -189,6 +216,20 @@ class Daemon:
             + (f"; last error: {replicator.last_error}" if replicator.last_error else ""),
             ExitCode.TIMEOUT,
         )
+
+    async def handle_evict(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`tierfs evict`: drop the local copies of chunks durable upstream, of everything
+        or of some files; then make that durable so their space is given back."""
+        if self.evictor is None:
+            raise TierfsError(
+                "this filesystem has no regional store to evict to (regional.url is empty; see "
+                "mkfs --regional)",
+                ExitCode.CONFIG,
+            )
+        inodes = request.get("inodes")
+        result = await self.evictor.evict_files(None if inodes is None else map(int, inodes))
+        await self.durability.sync(None)
+        return {**result.as_dict(), "local_bytes": self.evictor.local_bytes()}
 
     async def handle_snapshot_list(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"snapshots": [r.to_json() for r in self.snapshots.list()]}
@@ -323,11 +364,16 @@ def open_daemon(
         cpu_limiter,
     )
     ops.write_gate = snapshots.gate
-    replicator = _open_replicator(data_dir, config, store, chunks, reader, hot, durability, domain)
-    if replicator is not None:
+    ops.attach_snapshots(snapshots.catalog, config)
+    objects = _open_region(config)
+    replicator = None
+    if objects is not None:
+        replicator = _open_replicator(
+            data_dir, config, objects, store, chunks, reader, hot, durability, domain
+        )
         snapshots.upstream = True
         snapshots.on_created = replicator.kick
-    return Daemon(
+    daemon = Daemon(
         data_dir,
         mountpoint,
         config,
@@ -344,25 +390,75 @@ def open_daemon(
         replicator,
         Scheduler(snapshots, config.schedules),
     )
+    if objects is not None:
+        daemon.evictor, daemon.keeper = _open_eviction(daemon, objects)
+        assert daemon.reader.region is not None
+        if config.get("evict", "prefetch") and config.get("evict", "keep_fetched"):
+            daemon.prefetcher = Prefetcher(
+                store, daemon.reader.region, daemon.keeper, daemon.evictor
+            )
+    return daemon
+
+
+def _open_region(config: config_mod.Config) -> MeteredStore | None:
+    """The regional store, or None without `regional.url`. Opening makes no request: a
+    store that cannot be reached now only delays uploads and fails reads of evicted data."""
+    url = config.get("regional", "url")
+    if not url:
+        return None
+    inner = open_store(url, StoreSettings.from_config(config))
+    return MeteredStore(inner, config.get("regional", "bandwidth_mbit") * 125_000)
+
+
+def _open_eviction(daemon: Daemon, objects: MeteredStore) -> tuple[Evictor, Keeper]:
+    """Eviction, read-through and the keeper of fetched frames, which need one another:
+    reads fetch what eviction dropped, and the keeper asks eviction about the watermark."""
+    config, store, chunks = daemon.config, daemon.store, daemon.reader.chunks
+    upstream = UpstreamState(store)
+    region = RegionReader(objects, daemon.sealer.chunker.content_id)
+    daemon.reader.region = ReadThrough(upstream, region, config.get("regional", "read_timeout"))
+    cold = daemon.cold
+    policy = EvictPolicy(
+        high_pct=config.get("evict", "high_pct"),
+        low_pct=config.get("evict", "low_pct"),
+        capacity=_local_capacity(daemon),
+        interval=config.get("evict", "interval"),
+    )
+    last_access = cold.last_access if cold is not None else segment_mtime(daemon.hot.path)
+    evictor = Evictor(store, chunks, daemon.reader.extents, upstream, cold, policy, last_access)
+    keeper = Keeper(
+        store, chunks, evictor, daemon.sealer.append_frames, config.get("evict", "keep_fetched")
+    )
+    daemon.reader.region.keep = keeper.offer
+    return evictor, keeper
+
+
+def _local_capacity(daemon: Daemon) -> int:
+    """`evict.capacity_mb`, or the hot tier's room (hot.max_mb, else the data disk) plus the
+    cold device's capacity."""
+    configured: int = daemon.config.get("evict", "capacity_mb") << 20
+    if configured:
+        return configured
+    hot: int = daemon.config.get("hot", "max_mb") << 20
+    if not hot:
+        st = os.statvfs(daemon.data_dir.root)
+        hot = st.f_blocks * st.f_frsize
+    cold = sum(z["capacity"] for z in daemon.cold.zones_report()) if daemon.cold else 0
+    return hot + cold
 
 
 def _open_replicator(
     data_dir: DataDir,
     config: config_mod.Config,
+    objects: MeteredStore,
     store: MetaStore,
     chunks: ChunkIndex,
     reader: FileReader,
     hot: HotStore,
     durability: Durability,
     domain: domain_mod.Domain,
-) -> Replicator | None:
-    """The regional store's replicator, or None without `regional.url`. Opening makes no
-    request: a store that cannot be reached now only delays the uploads."""
-    url = config.get("regional", "url")
-    if not url:
-        return None
-    inner = open_store(url, StoreSettings.from_config(config))
-    objects = MeteredStore(inner, config.get("regional", "bandwidth_mbit") * 125_000)
+) -> Replicator:
+    """The regional store's replicator."""
     return Replicator(
         store,
         chunks,
@@ -475,6 +571,7 @@ async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
                 "snapshot_list": daemon.handle_snapshot_list,
                 "snapshot_delete": daemon.handle_snapshot_delete,
                 "upload": daemon.handle_upload,
+                "evict": daemon.handle_evict,
                 "ping": daemon.handle_ping,
             },
         )
@@ -484,6 +581,11 @@ async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
         nursery.start_soon(daemon.snapshots.run_reaper)
         if daemon.replicator is not None:
             nursery.start_soon(daemon.replicator.run)
+        if daemon.evictor is not None and daemon.keeper is not None:
+            nursery.start_soon(daemon.evictor.run)
+            nursery.start_soon(daemon.keeper.run)
+        if daemon.prefetcher is not None:
+            nursery.start_soon(daemon.prefetcher.run)
         nursery.start_soon(daemon.scheduler.run)
         if daemon.cold is not None:
             nursery.start_soon(daemon.cold.run)

@@ -12,6 +12,8 @@ Leftover states and their repairs (docs/ARCHITECTURE.md, crash table):
 * a snapshot whose root blob is missing, or a tree blob that cannot be read -> reported (the
   snapshot is damaged); --repair deletes a snapshot record whose root is missing;
 * a chunk copy outside its segment's committed end, or in a missing segment -> reported;
+* a chunk with no local copy and no upstream record (so not evicted: lost) -> reported with
+  the chunk; a tree blob with no local copy -> reported (trees are never evicted);
 * segment live counts, inode data_bytes and the chunk counters -> recomputed;
 * segment files the index does not know -> removed; bytes past a segment's end -> cut.
 """
@@ -64,6 +66,7 @@ class DataChecker:
         self._check_extents()
         self._count_snapshot_refs()
         self._check_refcounts()
+        self._check_copies()
         self._check_segments()
         self._check_zones()
         self._check_stats()
@@ -194,6 +197,18 @@ class DataChecker:
             ):
                 record.refcount = used
                 index.put(self.tx, chunk_id, record)
+
+    def _check_copies(self) -> None:
+        """A chunk without a local copy must be evicted: durable upstream (its `upstream`
+        record), and never a tree blob."""
+        for chunk_id, record in self.chunks.items():
+            if record.locations:
+                continue
+            name = chunk_id.hex()[:16]
+            if record.flags & FLAG_TREE:
+                self.c.result.add(f"tree blob {name} has no local copy")
+            elif self.tx.get(chunk_id, db=self.store.upstream) is None:
+                self.c.result.add(f"chunk {name} has no copy, local or upstream (data lost)")
 
     def _check_segments(self) -> None:
         live: Counter[int] = Counter()

@@ -123,6 +123,7 @@ def render_table(doc: dict[str, Any]) -> str:
         f"chunks          {chunks['count']:,} ({_human(chunks['stored_bytes'])} stored)",
         f"snapshots       {snaps['count']} (latest: {snaps['latest'] or '-'})",
         f"regional store  {_upstream_line(doc['upstream'])}",
+        *_eviction_lines(doc.get("eviction") or {}),
         "errors          " + ", ".join(f"{k}={v}" for k, v in doc["errors"].items()),
     ]
     return "\n".join(lines)
@@ -138,6 +139,20 @@ def _upstream_line(upstream: dict[str, Any]) -> str:
     return f"{upstream['url']}, {queue['snapshots']} snapshots queued" + (
         f"; {len(alarms)} alarms (status --json)" if alarms else ""
     )
+
+
+def _eviction_lines(eviction: dict[str, Any]) -> list[str]:
+    """Local copies against the watermark, and what read-through did, when it is on."""
+    if not eviction.get("enabled"):
+        return []
+    used, room = eviction["local_bytes"], eviction["capacity_bytes"]
+    share = f"{100 * used / room:.0f} %" if room else "-"
+    return [
+        f"local copies    {_human(used)} of {_human(room)} ({share}; evicted above "
+        f"{eviction['high_pct']} %)",
+        f"read-through    {eviction['fetched_chunks']:,} chunks fetched, "
+        f"{eviction['repairs']:,} repairs, {eviction['timeouts']:,} timeouts",
+    ]
 
 
 def _human(n: int) -> str:

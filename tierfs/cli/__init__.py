@@ -9,7 +9,19 @@ from typing import Any
 import click
 
 from tierfs import __version__
-from tierfs.cli import cold, flush, fsck, key, mkfs, mount, snapshot, status, sync
+from tierfs.cli import (
+    cold,
+    evict,
+    flush,
+    fsck,
+    key,
+    mkfs,
+    mount,
+    restore,
+    snapshot,
+    status,
+    sync,
+)
 from tierfs.errors import ExitCode, TierfsError
 
 
@@ -64,6 +76,8 @@ cli.add_command(cold.migrate)
 cli.add_command(cold.zones)
 cli.add_command(snapshot.snapshot)
 cli.add_command(sync.sync)
+cli.add_command(evict.evict)
+cli.add_command(restore.restore)
 
 
 def main() -> None:

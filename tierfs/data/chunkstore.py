@@ -108,11 +108,47 @@ class ChunkIndex:
         """Drop an unused chunk's record; its copies go once that is durable."""
         tx.delete(chunk_id, db=self.store.chunks)
         self._stats_delta(tx, chunks=-1, raw=-record.raw_len, stored=-record.frame_len)
-        for tier, a, b in record.locations:
+        self._free_copies(tx, record.locations, record.frame_len)
+
+    def drop_copies(
+        self,
+        tx: Any,
+        chunk_id: bytes,
+        record: ChunkRecord,
+        which: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        """Eviction: the chunk keeps its record, references and counters but loses its
+        local copies (`which`, default all; its frame is durable upstream); their space goes
+        once this is durable."""
+        gone = list(record.locations) if which is None else which
+        self._free_copies(tx, gone, record.frame_len)
+        record.locations = [loc for loc in record.locations if loc not in gone]
+        self.put(tx, chunk_id, record)
+
+    def replace_copy(
+        self,
+        tx: Any,
+        chunk_id: bytes,
+        record: ChunkRecord,
+        old: tuple[int, int, int] | None,
+        seg: int,
+        offset: int,
+    ) -> None:
+        """A frame fetched back from upstream now lives at (`seg`, `offset`) of the hot
+        tier, instead of the damaged copy `old` (a repair) or of no copy (evicted)."""
+        if old is not None:
+            self._free_copies(tx, [old], record.frame_len)
+        record.locations = [loc for loc in record.locations if loc != old]
+        record.locations.append((TIER_HOT, seg, offset))
+        self.put(tx, chunk_id, record)
+        self.add_segment_frame(tx, seg, record.frame_len)
+
+    def _free_copies(self, tx: Any, locations: list[tuple[int, int, int]], length: int) -> None:
+        for tier, a, b in locations:
             if tier == TIER_HOT:
-                self.free_frame(tx, a, b, record.frame_len)
+                self.free_frame(tx, a, b, length)
             elif tier == TIER_COLD and self.cold_free is not None:
-                self.cold_free(tx, a, b, record.frame_len)
+                self.cold_free(tx, a, b, length)
 
     # -- snapshots: holding frees, and reaping tree blobs
 

@@ -193,7 +193,7 @@ class ColdTier:
                 out[schema.key_ino(bytes(key))] = SegmentRecord.decode(bytes(value))
         return out
 
-    def _last_access(self, seg: int) -> float:
+    def last_access(self, seg: int) -> float:
         try:
             written = os.stat(self.hot.path(seg)).st_mtime
         except FileNotFoundError:
@@ -206,7 +206,7 @@ class ColdTier:
         return {
             seg
             for seg, rec in self._segments().items()
-            if rec.live_frames and self._last_access(seg) < limit
+            if rec.live_frames and self.last_access(seg) < limit
         }
 
     def _pressure_segments(self) -> set[int]:
@@ -218,7 +218,7 @@ class ColdTier:
             return set()
         target = used - room * self.policy.hot_low_pct // 100
         picked: set[int] = set()
-        for seg in sorted(segments, key=self._last_access):
+        for seg in sorted(segments, key=self.last_access):
             if target <= 0:
                 break
             if seg == self.hot.active or not segments[seg].live_frames:

@@ -4,6 +4,11 @@ A read is planned on the trio thread in one go (staged bytes are copied right aw
 are resolved to chunk locations), so that no write, seal or truncate can interleave with the
 plan. Chunk plaintext then comes from the cache or from the tier in a worker thread; the
 frame's location stays pinned meanwhile so that a concurrent free cannot punch it.
+
+A chunk with no local copy (evicted: its frame is durable upstream) is fetched from the
+regional store, within `regional.read_timeout`; a local copy that fails its check or cannot
+be read is fetched from there too (a repair). Either way the fetched frame is handed to
+`keep`, which rewrites it into the hot tier in the background, never on the read's path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tierfs.data import frame
 from tierfs.data.cache import ChunkCache
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.extents import ExtentMap
+from tierfs.data.readthrough import ReadThrough
 from tierfs.fs.namespace import FsError, Namespace
 from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord
 from tierfs.tiers.cold.errors import ColdError
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 PREFETCH_MIN = 1 << 20
 PREFETCH_MAX = 8 << 20
 LOADS_IN_FLIGHT = 16
+TIER_REGION = 3  # a piece read from the regional store (never stored in a chunk record)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class FileReader:
         self._load_limiter = trio.CapacityLimiter(LOADS_IN_FLIGHT)
         self.prefetch: trio.Nursery | None = None
         self.cold: ColdTier | None = None
+        self.region: ReadThrough | None = None
         self.checksum_errors = 0
         self.io_errors = 0
 
@@ -121,7 +129,7 @@ class FileReader:
             if self.cache.contains(ext.chunk_id):
                 continue
             record = self.chunks.get(ext.chunk_id)
-            where = self._where(record) if record else None
+            where = self._where(ext.chunk_id, record) if record else None
             if record is None or where is None:
                 continue
             tier, seg, off = where
@@ -162,7 +170,7 @@ class FileReader:
             for ext in self.extents.overlapping(ino, a, b):
                 lo, hi = max(a, ext.file_off), min(b, ext.end)
                 record = self.chunks.get(ext.chunk_id)
-                where = self._where(record) if record else None
+                where = self._where(ext.chunk_id, record) if record else None
                 if record is None or where is None:
                     log.error("inode %d: chunk %s has no stored copy", ino, ext.chunk_id.hex()[:16])
                     self.io_errors += 1
@@ -202,30 +210,46 @@ class FileReader:
             await pending.wait()
         event = self._loading[p.chunk_id] = trio.Event()
         try:
+            if p.tier == TIER_REGION:
+                assert self.region is not None
+                data = await self.region.fetch(ino, p.chunk_id)
+            else:
+                data = await self._load_local(ino, p)
+        finally:
+            del self._loading[p.chunk_id]
+            event.set()
+        self.cache.put(p.chunk_id, data)
+        return data
+
+    async def _load_local(self, ino: int, p: ChunkPiece) -> bytes | memoryview:
+        """The plaintext from the local copy; a copy that fails its check or cannot be read
+        is fetched from the region instead when it is there (a repair), else `EIO`."""
+        try:
             data = await trio.to_thread.run_sync(self._load, p, limiter=self._load_limiter)
         except frame.FrameError as exc:
             self.checksum_errors += 1
             log.error("inode %d: chunk %s failed its check: %s", ino, p.chunk_id.hex()[:16], exc)
-            raise FsError(errno.EIO) from None
+            return await self._repair(ino, p)
         except (OSError, ColdError) as exc:
             self.io_errors += 1
             log.error("inode %d: chunk %s unreadable: %s", ino, p.chunk_id.hex()[:16], exc)
-            raise FsError(errno.EIO) from None
-        finally:
-            del self._loading[p.chunk_id]
-            event.set()
+            return await self._repair(ino, p)
         if self.cold is not None:
             if p.tier == TIER_HOT:
                 self.cold.note_read(p.seg)
             else:
                 self.cold.note_cold_read(p.chunk_id, p.seg, p.frame_off)
-        self.cache.put(p.chunk_id, data)
         return data
+
+    async def _repair(self, ino: int, p: ChunkPiece) -> bytes | memoryview:
+        if self.region is None or self.region.where(p.chunk_id) is None:
+            raise FsError(errno.EIO)
+        return await self.region.fetch(ino, p.chunk_id, (p.tier, p.seg, p.frame_off))
 
     async def load_chunk(self, chunk_id: bytes) -> bytes | memoryview:
         """A whole chunk's plaintext by id (snapshot tree blobs), wherever its copy is."""
         record = self.chunks.get(chunk_id)
-        where = self._where(record) if record else None
+        where = self._where(chunk_id, record) if record else None
         if record is None or where is None:
             raise FsError(errno.EIO)
         tier, seg, off = where
@@ -233,14 +257,17 @@ class FileReader:
         with self._pin(piece):
             return await self.chunk_data(0, piece)
 
-    def _where(self, record: ChunkRecord) -> tuple[int, int, int] | None:
-        """(tier, segment or zone, offset) of the copy to read: hot first, then cold."""
+    def _where(self, chunk_id: bytes, record: ChunkRecord) -> tuple[int, int, int] | None:
+        """(tier, segment or zone, offset) of the copy to read: hot first, then cold, then
+        the region's (evicted)."""
         hot = record.hot_location()
         if hot is not None:
             return TIER_HOT, hot[0], hot[1]
         cold = record.cold_location()
         if cold is not None and self.cold is not None:
             return TIER_COLD, cold[0], cold[1]
+        if self.region is not None and self.region.where(chunk_id) is not None:
+            return TIER_REGION, 0, 0
         return None
 
     def _pin(self, p: ChunkPiece) -> contextlib.AbstractContextManager[None]:
@@ -249,6 +276,8 @@ class FileReader:
         if p.tier == TIER_COLD:
             assert self.cold is not None
             return self.cold.pin(p.seg)
+        if p.tier == TIER_REGION:
+            return contextlib.nullcontext()
         return self.chunks.pin(p.seg, p.frame_off)
 
     def _load(self, p: ChunkPiece) -> bytes | memoryview:

@@ -11,7 +11,6 @@ can never hold another file's bytes; files without an owning inode are removed a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -411,6 +410,7 @@ class Staging:
         """
         inos = [ino] if ino is not None else list(self.unsynced_files)
         fds: list[int] = []
+        paths: list[Path] = []
         for i in inos:
             if i not in self.unsynced_files:
                 continue
@@ -419,11 +419,12 @@ class Staging:
             if fd is not None:
                 fds.append(os.dup(fd))
             else:
-                with contextlib.suppress(FileNotFoundError):
-                    fds.append(os.open(self.path(i), os.O_RDONLY | os.O_CLOEXEC))
+                # Opened one at a time by the worker: a sync of every file written since
+                # the last one (100,000 small files) must not hold an fd for each.
+                paths.append(self.path(i))
         dirs = sorted(self.unsynced_dirs, key=lambda p: len(p.parts), reverse=True)
         self.unsynced_dirs.clear()
-        return SyncWork(fds, dirs)
+        return SyncWork(fds, dirs, paths)
 
     def take_changed(self) -> dict[int, list[tuple[int, int]] | None]:
         """Ranges of inodes changed since the last call, for the group commit (None: none)."""
@@ -467,9 +468,10 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
 class SyncWork:
     """fsyncs of staging files and their directories, owned fds included (worker thread)."""
 
-    def __init__(self, fds: list[int], dirs: list[Path]) -> None:
+    def __init__(self, fds: list[int], dirs: list[Path], paths: list[Path] | None = None) -> None:
         self.fds = fds
         self.dirs = dirs
+        self.paths = paths or []
 
     def run(self) -> None:
         try:
@@ -477,6 +479,15 @@ class SyncWork:
                 os.fsync(fd)
         finally:
             for fd in self.fds:
+                os.close(fd)
+        for path in self.paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # sealed and removed, or replaced by a new generation
+                continue
+            try:
+                os.fsync(fd)
+            finally:
                 os.close(fd)
         for d in self.dirs:
             try:
