@@ -62,7 +62,7 @@ lint: setup-test
 	$(BIN)/mypy
 
 test: setup-test lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 bench: setup-test
 	$(BIN)/python -m tools.bench.run

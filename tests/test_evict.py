@@ -275,3 +275,32 @@ def test_prefetch_brings_evicted_data_back_in_the_background(tmp_path: Path) -> 
         drop_caches(m)
         region.rename(tmp_path / "away")  # everything reads from local copies now
         assert all((m.mnt / f"f{i}").read_bytes() == payload(f"p{i}", 2 * MiB) for i in range(3))
+
+
+def test_a_damaged_object_upstream_fails_only_the_file_that_uses_it(tmp_path: Path) -> None:
+    """Packs hold a file's chunks back to back in name order, so the pack's first frame is
+    file `a`'s; damaging it fails reads of `a` alone (EIO, logged with the chunk), and the
+    other evicted files read back equal."""
+    region = tmp_path / "region"
+    data = make_fs(tmp_path, f"file://{region}", {})
+    configure(data, seal__zstd_level=0)
+    names = ("a", "b", "c")
+    with mounted(tmp_path, data) as m:
+        for name in names:
+            (m.mnt / name).write_bytes(payload(name, MiB))
+        snapshot_and_send(m)
+        evict(m, "--all")
+        (pack,) = [p for p in (region / "packs" / "data").rglob("*") if p.is_file()]
+        with pack.open("r+b") as f:
+            f.seek(48 + 56 + 1000)  # the header, the first frame's header, into its payload
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        drop_caches(m)
+        with pytest.raises(OSError) as exc:
+            (m.mnt / "a").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert all((m.mnt / n).read_bytes() == payload(n, MiB) for n in names[1:])
+        assert eviction(m)["damaged"] > 0
+        log = (data / "log" / "tierfs.log").read_text()
+        assert "does not match its id" in log or "checksum" in log

@@ -394,9 +394,8 @@ def open_daemon(
         daemon.evictor, daemon.keeper = _open_eviction(daemon, objects)
         assert daemon.reader.region is not None
         if config.get("evict", "prefetch") and config.get("evict", "keep_fetched"):
-            daemon.prefetcher = Prefetcher(
-                store, daemon.reader.region, daemon.keeper, daemon.evictor
-            )
+            region, keeper = daemon.reader.region, daemon.keeper
+            daemon.prefetcher = Prefetcher(chunks, region, keeper, daemon.evictor)
     return daemon
 
 
@@ -430,6 +429,7 @@ def _open_eviction(daemon: Daemon, objects: MeteredStore) -> tuple[Evictor, Keep
         store, chunks, evictor, daemon.sealer.append_frames, config.get("evict", "keep_fetched")
     )
     daemon.reader.region.keep = keeper.offer
+    daemon.reader.region.extra = daemon.reader.take_extra
     return evictor, keeper
 
 

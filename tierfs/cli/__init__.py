@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -9,24 +10,41 @@ from typing import Any
 import click
 
 from tierfs import __version__
-from tierfs.cli import (
-    cold,
-    evict,
-    flush,
-    fsck,
-    key,
-    mkfs,
-    mount,
-    restore,
-    snapshot,
-    status,
-    sync,
-)
 from tierfs.errors import ExitCode, TierfsError
+
+# Command -> "module:function", imported only when the command runs (or help lists it):
+# every `tierfs` invocation would otherwise pay for importing the daemon, trio, boto3 and
+# the rest, about half a second, which scripts and health checks calling `status` feel.
+COMMANDS = {
+    "mkfs": "tierfs.cli.mkfs:mkfs",
+    "mount": "tierfs.cli.mount:mount",
+    "umount": "tierfs.cli.mount:umount",
+    "status": "tierfs.cli.status:status",
+    "fsck": "tierfs.cli.fsck:fsck",
+    "flush": "tierfs.cli.flush:flush",
+    "key": "tierfs.cli.key:key",
+    "migrate": "tierfs.cli.cold:migrate",
+    "zones": "tierfs.cli.cold:zones",
+    "snapshot": "tierfs.cli.snapshot:snapshot",
+    "sync": "tierfs.cli.sync:sync",
+    "evict": "tierfs.cli.evict:evict",
+    "restore": "tierfs.cli.restore:restore",
+}
 
 
 class TierfsGroup(click.Group):
-    """Turns TierfsError into a one-line message and its exit code."""
+    """Turns TierfsError into a one-line message and its exit code; loads commands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, name = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -63,21 +81,6 @@ def cli() -> None:
 
     Exit codes are listed in docs/EXIT_CODES.md.
     """
-
-
-cli.add_command(mkfs.mkfs)
-cli.add_command(mount.mount)
-cli.add_command(mount.umount)
-cli.add_command(status.status)
-cli.add_command(fsck.fsck)
-cli.add_command(flush.flush)
-cli.add_command(key.key)
-cli.add_command(cold.migrate)
-cli.add_command(cold.zones)
-cli.add_command(snapshot.snapshot)
-cli.add_command(sync.sync)
-cli.add_command(evict.evict)
-cli.add_command(restore.restore)
 
 
 def main() -> None:

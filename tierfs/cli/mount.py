@@ -60,16 +60,23 @@ def mount(data_dir: Path, mountpoint: Path, foreground: bool, options: tuple[str
 
 def _start_background(dd: DataDir, mnt: Path, opts: list[str]) -> None:
     """Start a fresh daemon process and wait for its ready report on a pipe."""
+    argv = ["mount", "--foreground", str(dd.root), str(mnt)]
+    if opts:
+        argv += ["-o", ",".join(opts)]
+    dd.log_dir.mkdir(parents=True, exist_ok=True)
+    start_and_wait_ready(argv, dd.log_dir / "daemon.stderr", "mount daemon")
+
+
+def start_and_wait_ready(argv: list[str], log_file: Path, what: str) -> None:
+    """Run `python -m tierfs ARGV` as a fresh background process (its output appended to
+    `log_file`) and wait for its ready report on a pipe: `OK`, or `ERR CODE MESSAGE`, whose
+    code and message become ours. A process that exits without a report is exit 9."""
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)
     env = dict(os.environ, **{daemon.READY_FD_ENV: str(write_fd)})
-    cmd = [sys.executable, "-m", "tierfs", "mount", "--foreground", str(dd.root), str(mnt)]
-    if opts:
-        cmd += ["-o", ",".join(opts)]
-    dd.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(dd.log_dir / "daemon.stderr", "ab") as errlog:
+    with open(log_file, "ab") as errlog:
         proc = subprocess.Popen(
-            cmd,
+            [sys.executable, "-m", "tierfs", *argv],
             stdin=subprocess.DEVNULL,
             stdout=errlog,
             stderr=errlog,
@@ -89,8 +96,7 @@ def _start_background(dd: DataDir, mnt: Path, opts: list[str]) -> None:
         _, code, message = line.split(" ", 2)
         raise TierfsError(message, ExitCode(int(code)))
     raise TierfsError(
-        f"mount daemon exited without becoming ready (exit {proc.returncode}); "
-        f"see {dd.log_dir}/daemon.stderr",
+        f"{what} exited without becoming ready (exit {proc.returncode}); see {log_file}",
         ExitCode.MOUNT_FAILED,
     )
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +11,7 @@ from pathlib import Path
 import click
 
 from tierfs.cli.key import passphrase_file_option, passphrase_for_reading
-from tierfs.cli.mount import _read_ready
-from tierfs.daemon import READY_FD_ENV
+from tierfs.cli.mount import start_and_wait_ready
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.restore import viewmount
 from tierfs.restore.source import open_source
@@ -134,7 +131,7 @@ def restore_mount(
         *([key] if key is not None else []),
         str(mnt),
     ]
-    _start_background(argv, log_file or default_log_file())
+    start_and_wait_ready(argv, log_file or default_log_file(), "restore mount")
     click.echo(f"mounted snapshot of {source} read-only at {mnt}")
 
 
@@ -160,35 +157,3 @@ def _pass_on(**values: object) -> list[str]:
         if value:
             out += [f"--{name.replace('_', '-')}", str(value)]
     return out
-
-
-def _start_background(argv: list[str], log_file: Path) -> None:
-    """Start `python -m tierfs restore mount --foreground ...` and wait for its ready line."""
-    read_fd, write_fd = os.pipe()
-    os.set_inheritable(write_fd, True)
-    env = dict(os.environ, **{READY_FD_ENV: str(write_fd)})
-    with open(log_file, "ab") as errlog:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tierfs", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=errlog,
-            stderr=errlog,
-            env=env,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            cwd="/",
-        )
-    os.close(write_fd)
-    try:
-        line = _read_ready(read_fd, proc)
-    finally:
-        os.close(read_fd)
-    if line == "OK":
-        return
-    if line.startswith("ERR "):
-        _, code, message = line.split(" ", 2)
-        raise TierfsError(message, ExitCode(int(code)))
-    raise TierfsError(
-        f"restore mount exited without becoming ready (exit {proc.returncode}); see {log_file}",
-        ExitCode.MOUNT_FAILED,
-    )

@@ -70,6 +70,23 @@ class ChunkIndex:
         raw = (tx or self.store.tx).get(chunk_id, db=self.store.chunks)
         return None if raw is None else ChunkRecord.decode(bytes(raw))
 
+    def scan(self, after: bytes, limit: int) -> tuple[list[tuple[bytes, ChunkRecord]], bytes]:
+        """Up to `limit` chunk records in key order after key `after` (b"": from the first),
+        and the key to continue from (b"" once the end is reached).
+
+        For the background passes over every chunk (migration, eviction, prefetch): a slice
+        reads the group transaction with no await inside, so a pass yields to FUSE requests
+        between slices and picks up after the last key it saw, whatever changed meanwhile."""
+        found: list[tuple[bytes, ChunkRecord]] = []
+        with self.store.tx.cursor(db=self.store.chunks) as cur:
+            positioned = cur.set_range(after) if after else cur.first()
+            if positioned and after and bytes(cur.key()) == after:
+                positioned = cur.next()
+            while positioned and len(found) < limit:
+                found.append((bytes(cur.key()), ChunkRecord.decode(bytes(cur.value()))))
+                positioned = cur.next()
+        return found, (found[-1][0] if positioned and found else b"")
+
     def put(self, tx: Any, chunk_id: bytes, record: ChunkRecord) -> None:
         tx.put(chunk_id, record.encode(), db=self.store.chunks)
 

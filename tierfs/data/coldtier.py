@@ -258,25 +258,15 @@ class ColdTier:
     def _scan_slice(
         self, after: bytes, segments: set[int] | None
     ) -> tuple[list[tuple[bytes, ChunkRecord]], bytes]:
-        """Up to SCAN_SLICE chunk records after key `after` with a hot copy in `segments`;
-        and the key to continue from (b"" at the end). No await: one read transaction."""
+        """The chunk records of the next slice after key `after` with a hot copy in
+        `segments`; and the key to continue from (b"" at the end)."""
+        records, after = self.chunks.scan(after, SCAN_SLICE)
         found = []
-        last = b""
-        with self.store.tx.cursor(db=self.store.chunks) as cur:
-            positioned = cur.set_range(after) if after else cur.first()
-            if positioned and after and bytes(cur.key()) == after:
-                positioned = cur.next()
-            count = 0
-            while positioned and count < SCAN_SLICE:
-                key = bytes(cur.key())
-                record = ChunkRecord.decode(bytes(cur.value()))
-                hot = record.hot_location()
-                if hot is not None and (segments is None or hot[0] in segments):
-                    found.append((key, record))
-                last = key
-                count += 1
-                positioned = cur.next()
-        return found, (last if positioned else b"")
+        for key, record in records:
+            hot = record.hot_location()
+            if hot is not None and (segments is None or hot[0] in segments):
+                found.append((key, record))
+        return found, after
 
     async def _migrate_batch(self, batch: list[tuple[bytes, ChunkRecord]], klass: int) -> None:
         if not batch:

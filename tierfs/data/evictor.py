@@ -189,27 +189,17 @@ class Evictor:
         units: dict[Unit, list[Candidate]],
         kept: list[int],
     ) -> bytes:
-        last = b""
-        with self.store.tx.cursor(db=self.store.chunks) as cur:
-            positioned = cur.set_range(after) if after else cur.first()
-            if positioned and after and bytes(cur.key()) == after:
-                positioned = cur.next()
-            count = 0
-            while positioned and count < SCAN_SLICE:
-                last = bytes(cur.key())
-                record = ChunkRecord.decode(bytes(cur.value()))
-                if record.locations and not record.flags & FLAG_TREE and wanted(record, last):
-                    if self._upstream(last):
-                        tier, a, _ = record.locations[0]
-                        units.setdefault((tier, a), []).append(
-                            Candidate(last, (tier, a), record.frame_len)
-                        )
-                    else:
-                        kept[0] += 1
-                        kept[1] += record.frame_len
-                count += 1
-                positioned = cur.next()
-        return last if positioned else b""
+        records, after = self.chunks.scan(after, SCAN_SLICE)
+        for key, record in records:
+            if not record.locations or record.flags & FLAG_TREE or not wanted(record, key):
+                continue
+            if self._upstream(key):
+                tier, a, _ = record.locations[0]
+                units.setdefault((tier, a), []).append(Candidate(key, (tier, a), record.frame_len))
+            else:
+                kept[0] += 1
+                kept[1] += record.frame_len
+        return after
 
     def _upstream(self, chunk_id: bytes, tx: Any = None) -> bool:
         record = self.upstream.get(chunk_id, tx)

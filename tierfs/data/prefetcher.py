@@ -16,17 +16,16 @@ from typing import Any
 
 import trio
 
+from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.evictor import Evictor
 from tierfs.data.keeper import Keeper
 from tierfs.data.readthrough import ReadThrough
 from tierfs.fs.namespace import FsError
 from tierfs.meta.records import FLAG_TREE, ChunkRecord
-from tierfs.meta.store import MetaStore
 
 log = logging.getLogger(__name__)
 
-SCAN_SLICE = 4096
-BATCH = 64
+SCAN_SLICE = 128  # chunk records looked at per batch: at most this many fetches queued
 IN_FLIGHT = 4
 IDLE_WAIT = 30.0
 
@@ -39,9 +38,9 @@ class PrefetchCounters:
 
 class Prefetcher:
     def __init__(
-        self, store: MetaStore, region: ReadThrough, keeper: Keeper, evictor: Evictor
+        self, chunks: ChunkIndex, region: ReadThrough, keeper: Keeper, evictor: Evictor
     ) -> None:
-        self.store = store
+        self.chunks = chunks
         self.region = region
         self.keeper = keeper
         self.evictor = evictor
@@ -74,24 +73,10 @@ class Prefetcher:
             await trio.lowlevel.checkpoint()
 
     def _next_batch(self) -> list[bytes]:
-        """Up to BATCH evicted data chunks after the last key seen (no await: one read of
-        the index); `_after` becomes b"" at the end of the index."""
-        found: list[bytes] = []
-        with self.store.tx.cursor(db=self.store.chunks) as cur:
-            positioned = cur.set_range(self._after) if self._after else cur.first()
-            if positioned and self._after and bytes(cur.key()) == self._after:
-                positioned = cur.next()
-            seen = 0
-            while positioned and len(found) < BATCH and seen < SCAN_SLICE:
-                key = bytes(cur.key())
-                if _evicted(ChunkRecord.decode(bytes(cur.value()))):
-                    found.append(key)
-                self._after = key
-                seen += 1
-                positioned = cur.next()
-            if not positioned:
-                self._after = b""
-        return found
+        """The evicted data chunks of the next slice of the index after the last key seen;
+        `_after` becomes b"" at the end of the index."""
+        records, self._after = self.chunks.scan(self._after, SCAN_SLICE)
+        return [key for key, record in records if _evicted(record)]
 
     async def _fetch(self, batch: list[bytes]) -> bool:
         """Fetch a batch, IN_FLIGHT at a time; False if any fetch failed (each is logged)."""

@@ -25,11 +25,12 @@ from tierfs.data import frame
 from tierfs.data.cache import ChunkCache
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.extents import ExtentMap
-from tierfs.data.readthrough import ReadThrough
+from tierfs.data.readthrough import SPAN, ReadThrough
 from tierfs.fs.namespace import FsError, Namespace
 from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord
 from tierfs.tiers.cold.errors import ColdError
 from tierfs.tiers.hot import HotStore
+from tierfs.upstream.fetch import Fetched
 
 if TYPE_CHECKING:
     from tierfs.data.coldtier import ColdTier
@@ -92,7 +93,9 @@ class FileReader:
         size = min(size, inode.size - offset)
         buf = bytearray(size)
         pieces = self._plan(ino, offset, size, buf)
-        sequential = self._last_end.get(ino) == offset
+        # A read from the start counts as sequential too: whole-file readers (cp, rsync,
+        # tar) are the common case, and an evicted file then arrives in few GETs.
+        sequential = self._last_end.get(ino) == offset or offset == 0
         self._last_end[ino] = offset + size
         if len(self._last_end) > 4096:
             self._window.pop(next(iter(self._last_end)), None)
@@ -102,7 +105,7 @@ class FileReader:
         if pieces:
             if sequential:
                 self._prefetch_after(ino, offset + size, inode.size)
-            await self._fill(ino, buf, pieces)
+            await self._fill(ino, buf, pieces, SPAN if sequential else 0)
         self.ns.touch_atime(ino)
         return buf
 
@@ -143,7 +146,7 @@ class FileReader:
         the daemon's nursery."""
         try:
             with self._pin(piece):
-                await self.chunk_data(ino, piece)
+                await self.chunk_data(ino, piece, SPAN)
         except FsError:
             return
         except Exception:
@@ -190,16 +193,19 @@ class FileReader:
                 )
         return pieces
 
-    async def _fill(self, ino: int, buf: bytearray, pieces: list[ChunkPiece]) -> None:
+    async def _fill(
+        self, ino: int, buf: bytearray, pieces: list[ChunkPiece], span: int = 0
+    ) -> None:
         with contextlib.ExitStack() as pins:
             for p in pieces:
                 pins.enter_context(self._pin(p))
             for p in pieces:
-                data = memoryview(await self.chunk_data(ino, p))
+                data = memoryview(await self.chunk_data(ino, p, span))
                 buf[p.buf_off : p.buf_off + p.length] = data[p.chunk_off : p.chunk_off + p.length]
 
-    async def chunk_data(self, ino: int, p: ChunkPiece) -> bytes | memoryview:
-        """A chunk's plaintext from the cache, or loaded once however many readers wait."""
+    async def chunk_data(self, ino: int, p: ChunkPiece, span: int = 0) -> bytes | memoryview:
+        """A chunk's plaintext from the cache, or loaded once however many readers wait;
+        `span`: a chunk only upstream comes with the frames after it (sequential readers)."""
         while True:
             data = self.cache.get(p.chunk_id)
             if data is not None:
@@ -211,8 +217,7 @@ class FileReader:
         event = self._loading[p.chunk_id] = trio.Event()
         try:
             if p.tier == TIER_REGION:
-                assert self.region is not None
-                data = await self.region.fetch(ino, p.chunk_id)
+                data = await self._from_region(ino, p, span)
             else:
                 data = await self._load_local(ino, p)
         finally:
@@ -220,6 +225,28 @@ class FileReader:
             event.set()
         self.cache.put(p.chunk_id, data)
         return data
+
+    async def _from_region(self, ino: int, p: ChunkPiece, span: int) -> bytes | memoryview:
+        """An evicted chunk: from a span in flight that brings it along, else fetched."""
+        assert self.region is not None
+        pending = self.region.in_span(p.chunk_id)
+        if pending is not None:
+            await pending.wait()
+            cached = self.cache.get(p.chunk_id)
+            if cached is not None:
+                return cached
+        return await self.region.fetch(ino, p.chunk_id, span=span)
+
+    def take_extra(self, chunk_id: bytes, fetched: Fetched) -> bool:
+        """A frame a span brought along: cached (and offered to the keeper) if the chunk is
+        evicted here and not cached yet; frames of other chunks are dropped."""
+        record = self.chunks.get(chunk_id)
+        if record is None or record.locations or self.cache.contains(chunk_id):
+            return False
+        self.cache.put(chunk_id, fetched.plaintext)
+        if self.region is not None and self.region.keep is not None:
+            self.region.keep(chunk_id, fetched.frame, None)
+        return True
 
     async def _load_local(self, ino: int, p: ChunkPiece) -> bytes | memoryview:
         """The plaintext from the local copy; a copy that fails its check or cannot be read

@@ -5,6 +5,11 @@ limiter, so local loads are never queued behind slow GETs) and the read gives up
 after `regional.read_timeout` seconds, logging why. Nothing is remembered of a failure, so
 reads work again as soon as the store answers. Concurrent reads of one chunk share a fetch
 through the reader's `_loading` events.
+
+A sequential reader asks for a *span*: its chunk and the frames after it in the same pack,
+up to `SPAN` bytes, in one ranged GET (the replicator packs a file's chunks back to back).
+The frames after it go to `extra`, which caches those the index has evicted. A fetch whose
+frame lies inside a span in flight waits for that span instead of asking again.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from tierfs.upstream.state import UpstreamRecord, UpstreamState
 log = logging.getLogger(__name__)
 
 FETCHES_IN_FLIGHT = 8
+SPAN = 4 << 20  # bytes of a pack a sequential reader fetches at once
 
 Location = tuple[int, int, int]  # (tier, segment or zone, offset), as in ChunkRecord
 Keep = Callable[[bytes, bytes, Location | None], None]
 """`keep(chunk_id, frame, damaged)`: a frame fetched from the region, to rewrite locally in
 place of no copy (an evicted chunk) or of the `damaged` local copy (a repair)."""
+Extra = Callable[[bytes, Fetched], bool]
+"""`extra(chunk_id, fetched)`: a frame a span brought along; True if it was wanted."""
 
 
 @dataclasses.dataclass
@@ -49,24 +57,37 @@ class ReadThrough:
         self.region = region
         self.timeout = timeout
         self.keep: Keep | None = None
+        self.extra: Extra | None = None
         self.counters = ReadThroughCounters()
         self._limiter = trio.CapacityLimiter(FETCHES_IN_FLIGHT)
+        self._spans: dict[str, list[tuple[int, int, trio.Event]]] = {}
 
     def where(self, chunk_id: bytes) -> UpstreamRecord | None:
         """The region's copy of a chunk, if the index knows of one."""
         return self.upstream.get(chunk_id)
 
+    def in_span(self, chunk_id: bytes) -> trio.Event | None:
+        """The event of a span in flight that will bring `chunk_id` along, if any."""
+        where = self.where(chunk_id)
+        if where is None:
+            return None
+        for start, end, done in self._spans.get(where.pack, ()):
+            if start <= where.offset and where.offset + where.length <= end:
+                return done
+        return None
+
     async def fetch(
-        self, ino: int, chunk_id: bytes, damaged: Location | None = None
+        self, ino: int, chunk_id: bytes, damaged: Location | None = None, span: int = 0
     ) -> bytes | memoryview:
-        """The plaintext of `chunk_id` from the region; `damaged` names the local copy this
-        replaces (a repair). Any failure is `EIO` for the read, logged with its reason."""
+        """The plaintext of `chunk_id` from the region (with `span`, the frames after it
+        too, see the module docstring); `damaged` names the local copy this replaces (a
+        repair). Any failure is `EIO` for the read, logged with its reason."""
         where = self.where(chunk_id)
         if where is None:
             log.error("inode %d: chunk %s has no copy, local or upstream", ino, chunk_id.hex()[:16])
             self.counters.failures += 1
             raise FsError(errno.EIO)
-        got = await self._get(ino, chunk_id, where)
+        got = await self._get_span(ino, chunk_id, where, span if damaged is None else 0)
         self.counters.fetched_chunks += 1
         self.counters.fetched_bytes += len(got.frame)
         if damaged is not None:
@@ -82,14 +103,40 @@ class ReadThrough:
             self.keep(chunk_id, got.frame, damaged)
         return got.plaintext
 
-    async def _get(self, ino: int, chunk_id: bytes, where: UpstreamRecord) -> Fetched:
+    async def _get_span(
+        self, ino: int, chunk_id: bytes, where: UpstreamRecord, span: int
+    ) -> Fetched:
+        """The chunk's frame; with a span, the frames after it handed to `extra`."""
+        if span <= where.length or self.extra is None:
+            return (await self._get(ino, chunk_id, where, 0))[0]
+        done = trio.Event()
+        spans = self._spans.setdefault(where.pack, [])
+        entry = (where.offset, where.offset + span, done)
+        spans.append(entry)
+        try:
+            got, extras = await self._get(ino, chunk_id, where, span)
+        finally:
+            spans.remove(entry)
+            if not spans:
+                del self._spans[where.pack]
+            done.set()
+        for extra_id, fetched in extras:
+            if self.extra(extra_id, fetched):
+                self.counters.fetched_chunks += 1
+                self.counters.fetched_bytes += len(fetched.frame)
+        return got
+
+    async def _get(
+        self, ino: int, chunk_id: bytes, where: UpstreamRecord, span: int
+    ) -> tuple[Fetched, list[tuple[bytes, Fetched]]]:
         name = chunk_id.hex()[:16]
         try:
             with trio.fail_after(self.timeout):
                 return await trio.to_thread.run_sync(
-                    self.region.fetch,
+                    self.region.fetch_span,
                     chunk_id,
                     where,
+                    span,
                     limiter=self._limiter,
                     abandon_on_cancel=True,
                 )

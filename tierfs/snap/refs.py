@@ -13,6 +13,23 @@ from __future__ import annotations
 from tierfs.snap import treeformat as tf
 
 
+def ordered_children(blob: bytes) -> list[bytes]:
+    """The distinct ids a blob names, in the order it names them: entries by name, each
+    file's extents by offset. The replicator packs chunks in this order, so that a file's
+    chunks lie back to back in a pack and a reader fetches them in few ranged GETs."""
+    magic = bytes(blob[:4])
+    ids: list[bytes] = []
+    if magic == tf.EXTENT_LIST_MAGIC:
+        ids = [x.chunk_id for x in tf.decode_extent_list(blob)]
+    else:
+        for entry in tf.decode_tree(blob):
+            if entry.tree_id:
+                ids.append(entry.tree_id)
+            ids += [x.chunk_id for x in entry.extents]
+            ids += [ref.blob_id for ref in entry.extent_lists]
+    return list(dict.fromkeys(ids))
+
+
 def blob_children(blob: bytes) -> set[bytes]:
     """The distinct ids a tree, root or extent-list blob names (raises TreeFormatError)."""
     magic = bytes(blob[:4])

@@ -191,7 +191,7 @@ class PackBuilder:
         if info.frame_len != len(data) or info.chunk_id != chunk_id:
             raise ValueError(f"not a whole frame of chunk {chunk_id.hex()}")
         entry = PackEntry(chunk_id, self._offset, len(data), info.raw_len)
-        _check_frame(data, entry, "being built")
+        check_frame(data, entry, "being built")
         self._frames.append(data)
         self._entries.append(entry)
         self._ids.add(chunk_id)
@@ -300,7 +300,7 @@ def _decode_index(raw: bytes | memoryview, footer: Footer, what: str) -> list[Pa
     return entries
 
 
-def _check_frame(data: bytes | memoryview, entry: PackEntry, what: str) -> None:
+def check_frame(data: bytes | memoryview, entry: PackEntry, what: str) -> None:
     """The frame is whole, is the entry's chunk and length, and its checksum holds.
 
     Not decompressed: the caller decodes when it needs the plaintext (frame.decode)."""
@@ -354,7 +354,7 @@ def verify_pack(
     what = name or f"body of {len(body)} bytes"
     view = memoryview(body)
     for entry in entries:
-        _check_frame(view[entry.offset : entry.end], entry, what)
+        check_frame(view[entry.offset : entry.end], entry, what)
     return header, entries
 
 
@@ -386,7 +386,7 @@ def read_frame(store: ObjectStore, name: str, entry: PackEntry) -> bytes:
     """One frame by a ranged GET, checked against its entry (`frame.decode` gives the
     plaintext)."""
     data = _get(store, name, entry.offset, entry.end)
-    _check_frame(data, entry, name)
+    check_frame(data, entry, name)
     return data
 
 
@@ -402,7 +402,7 @@ def read_frames(
         view = memoryview(data)
         for entry in run:
             chunk = view[entry.offset - run[0].offset : entry.end - run[0].offset]
-            _check_frame(chunk, entry, name)
+            check_frame(chunk, entry, name)
             yield entry, bytes(chunk)
 
 

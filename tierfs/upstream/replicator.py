@@ -50,7 +50,7 @@ from tierfs.meta.store import MetaStore
 from tierfs.snap import manifest as manifest_mod
 from tierfs.snap.catalog import DAMAGED, QUEUED, SENT, SUPERSEDED, Catalog, SnapshotRecord
 from tierfs.snap.keys import SiteKeys
-from tierfs.snap.refs import blob_children
+from tierfs.snap.refs import ordered_children
 from tierfs.tiers.hot import HotStore
 from tierfs.upstream import pack as packfmt
 from tierfs.upstream import siteindex
@@ -270,16 +270,18 @@ class Replicator:
             plan.walked.append(blob_id)
             if not self.state.uploaded(blob_id):
                 plan.trees.append(blob_id)
-            for child in sorted(blob_children(blob)):
+            trees = []
+            for child in ordered_children(blob):
                 chunk = self.chunks.get(child)
                 if chunk is None:
                     self._current(record)
                     raise SnapshotDamaged(f"chunk {child.hex()[:16]} is not in the index")
                 if chunk.flags & FLAG_TREE:
-                    stack.append(child)
+                    trees.append(child)
                 elif child not in seen and not self.state.uploaded(child):
                     seen.add(child)
                     plan.data.append(child)
+            stack.extend(reversed(trees))  # popped in the order the blob names them
         return plan
 
     async def _dedup(self, chunk_ids: list[bytes]) -> list[bytes]:

@@ -379,6 +379,8 @@ def write_report(
 
 COLD_SECTION = "cold"  # tools.bench.cold.SECTION
 DELTA_SECTION = "delta"  # tools.bench.delta.SECTION
+RESTORE_SECTION = "restore"  # tools.bench.restore: run on its own, kept here
+RESTORE_SITE_SECTION = "restore-site"  # tools.bench.restore_site's figures, kept here
 
 
 def kept_sections(
@@ -388,8 +390,15 @@ def kept_sections(
     delta_section: str | None = None,
 ) -> list[str]:
     """The sections this run does not write, from the current report; the chunking, cold
-    and delta sections replaced when their benchmarks ran."""
-    names = [*report.KEPT_SECTIONS, COLD_SECTION, DELTA_SECTION]
+    and delta sections replaced when their benchmarks ran (the restore section is only
+    kept: `python -m tools.bench.restore` writes it)."""
+    names = [
+        *report.KEPT_SECTIONS,
+        COLD_SECTION,
+        DELTA_SECTION,
+        RESTORE_SECTION,
+        RESTORE_SITE_SECTION,
+    ]
     old = args.output.read_text() if args.output.exists() else ""
     kept = {name: report.kept_section(old, name) for name in names}
     if chunking_section is not None:
