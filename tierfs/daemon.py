@@ -526,7 +526,7 @@ def run(data_dir: DataDir, mountpoint: Path, options: list[str], foreground: boo
         config = config_mod.load(data_dir.root)
         to_stderr = foreground and not ready.waiting
         setup_logging(data_dir, config.get("log", "level"), to_stderr, config.site)
-        _check_mountpoint(mountpoint)
+        check_mountpoint(mountpoint)
         opts = fuse_options(data_dir, config, options)
         atime = "noatime" if "noatime" in opts else config.get("mount", "atime")
         daemon = open_daemon(data_dir, mountpoint, config, atime)
@@ -590,7 +590,7 @@ async def _serve(daemon: Daemon, ready: ReadyPipe) -> None:
         if daemon.cold is not None:
             nursery.start_soon(daemon.cold.run)
         daemon.reader.prefetch = nursery
-        nursery.start_soon(_signals)
+        nursery.start_soon(unmount_on_signals)
         nursery.start_soon(_when_serving, daemon, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -610,7 +610,8 @@ async def _when_serving(daemon: Daemon, ready: ReadyPipe) -> None:
     _notify_systemd("READY=1")
 
 
-async def _signals() -> None:
+async def unmount_on_signals() -> None:
+    """SIGTERM, SIGINT or SIGHUP end the FUSE loop, which unmounts (also `restore mount`)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
@@ -659,7 +660,7 @@ def _final_commit(daemon: Daemon) -> None:
     store.commit()
 
 
-def _check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path) -> None:
     try:
         if not mountpoint.is_dir():
             raise TierfsError(

@@ -134,10 +134,13 @@ class Evictor:
             self.counters.passes += 1
             result = EvictResult()
             candidates, kept = await self._scan(lambda record, chunk_id: True)
+            # Measured once (it sums every segment record), then lowered by what each unit
+            # gives back, in the same units: frame bytes in hot, record bytes in cold.
+            left = self.local_bytes()
             for unit in self._order(candidates):
-                if self.local_bytes() <= target:
+                if left <= target:
                     break
-                await self._drop(candidates[unit], result)
+                left -= await self._drop(candidates[unit], result)
             result.kept_chunks, result.kept_bytes = kept
             log.info(
                 "evicted %d chunks (%d bytes) down to %d local bytes (target %d)",
@@ -221,28 +224,45 @@ class Evictor:
         hot.sort(key=lambda u: self.last_access(u[1]))
         return cold + hot
 
-    async def _drop(self, candidates: list[Candidate], result: EvictResult) -> None:
+    async def _drop(self, candidates: list[Candidate], result: EvictResult) -> int:
+        """Drop the candidates still evictable; the local bytes (as `local_bytes` counts
+        them) given back."""
+        freed = 0
         for start in range(0, len(candidates), OP_CHUNKS):
             with self.store.op() as tx:
                 for c in candidates[start : start + OP_CHUNKS]:
-                    dropped = self._drop_one(tx, c.chunk_id)
-                    if dropped is not None:
+                    record = self._drop_one(tx, c.chunk_id)
+                    if record is not None:
                         result.chunks += 1
-                        result.bytes += dropped
+                        result.bytes += record.frame_len
+                        freed += self._local_size(record)
             await trio.lowlevel.checkpoint()
+        return freed
 
-    def _drop_one(self, tx: Any, chunk_id: bytes) -> int | None:
+    def _drop_one(self, tx: Any, chunk_id: bytes) -> ChunkRecord | None:
         """Drop a chunk's local copies if it is still evictable (rechecked in this
-        operation: the scan's view may be stale); the frame bytes given back, or None."""
+        operation: the scan's view may be stale); its record as it was, or None."""
         record = self.chunks.get(chunk_id, tx)
         if record is None or not record.locations or record.flags & FLAG_TREE:
             return None
         if not self._upstream(chunk_id, tx):
             return None
+        was = dataclasses.replace(record, locations=list(record.locations))
         self.chunks.drop_copies(tx, chunk_id, record)
         self.counters.evicted_chunks += 1
         self.counters.evicted_bytes += record.frame_len
-        return record.frame_len
+        return was
+
+    def _local_size(self, record: ChunkRecord) -> int:
+        """Bytes of `local_bytes` the record's copies take: the frame in a hot segment,
+        the padded record in a zone."""
+        total = 0
+        for tier, a, b in record.locations:
+            if tier == TIER_COLD and self.cold is not None:
+                total += self.cold.location(a, b, record.frame_len).length
+            elif tier == TIER_HOT:
+                total += record.frame_len
+        return total
 
 
 def segment_mtime(hot_path: Callable[[int], os.PathLike[str] | str]) -> Callable[[int], float]:

@@ -25,7 +25,6 @@ import errno
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import pyfuse3
 import trio
 
 from tierfs import control
-from tierfs.daemon import READY_FD_ENV, ReadyPipe
+from tierfs.daemon import READY_FD_ENV, ReadyPipe, check_mountpoint, unmount_on_signals
 from tierfs.datadir import DataDir, MountLock
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.namespace import FsError
@@ -203,7 +202,7 @@ def run(
     close: Callable[[], None] = lambda: None  # noqa: E731
     try:
         lock.acquire()
-        _check_mountpoint(mountpoint)
+        check_mountpoint(mountpoint)
         view, close, what = open_view()
         ops = ViewOperations(view)
         opts = fuse_options(run_dir, options)
@@ -247,7 +246,7 @@ async def _serve(view: SnapshotView, run_dir: DataDir, mountpoint: Path, ready: 
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, run_dir.control_socket, handlers)
         view.nursery = nursery  # read-ahead of sequential readers
-        nursery.start_soon(_signals)
+        nursery.start_soon(unmount_on_signals)
         nursery.start_soon(_when_serving, mountpoint, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -258,24 +257,3 @@ async def _when_serving(mountpoint: Path, ready: ReadyPipe) -> None:
     with contextlib.suppress(OSError):
         await trio.to_thread.run_sync(os.stat, mountpoint)
     ready.report("OK")
-
-
-async def _signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-
-
-def _check_mountpoint(mountpoint: Path) -> None:
-    try:
-        if not mountpoint.is_dir():
-            raise TierfsError(
-                f"{mountpoint}: mount point is not a directory", ExitCode.MOUNT_FAILED
-            )
-    except OSError as exc:
-        raise TierfsError(
-            f"{mountpoint}: unusable mount point ({exc.strerror})", ExitCode.MOUNT_FAILED
-        ) from None
-    if os.path.ismount(mountpoint):
-        raise TierfsError(f"{mountpoint}: something is already mounted there", ExitCode.BUSY)

@@ -32,13 +32,4 @@ def ordered_children(blob: bytes) -> list[bytes]:
 
 def blob_children(blob: bytes) -> set[bytes]:
     """The distinct ids a tree, root or extent-list blob names (raises TreeFormatError)."""
-    magic = bytes(blob[:4])
-    if magic == tf.EXTENT_LIST_MAGIC:
-        return {x.chunk_id for x in tf.decode_extent_list(blob)}
-    out: set[bytes] = set()
-    for entry in tf.decode_tree(blob):
-        if entry.tree_id:
-            out.add(entry.tree_id)
-        out.update(x.chunk_id for x in entry.extents)
-        out.update(ref.blob_id for ref in entry.extent_lists)
-    return out
+    return set(ordered_children(blob))
