@@ -30,6 +30,7 @@ from tierfs.cli import cli
 from tierfs.data import domain as domain_mod
 from tierfs.data.extents import Extent
 from tierfs.errors import ExitCode
+from tierfs.restore import extract as extract_mod
 from tierfs.restore.extract import Extractor
 from tierfs.restore.region import ChunkError, Result
 from tierfs.restore.source import Job, Source, open_source, parse_time
@@ -520,3 +521,22 @@ def test_extent_lists_and_sparse_extents_from_a_hand_made_tree(tmp_path: Path) -
     assert not (dest / "bad").exists() and not list(dest.glob("*.tierfs-partial"))
     again = Extractor(src, dest, workers=3).run(root_id, "big")
     assert again.progress.files_skipped == 1 and not again.failures
+
+
+def test_a_file_reopened_after_its_descriptor_was_evicted_keeps_what_was_written(
+    tmp_path: Path,
+) -> None:
+    """Files are created by their first write; one whose descriptor was closed to make room
+    for others (more files in flight than descriptors kept) is reopened, not truncated."""
+    fds = extract_mod._Fds(max_open=1)
+    a, b = bytes(tmp_path / "a"), bytes(tmp_path / "b")
+    fds.write(a, memoryview(b"first"), 0, 20)
+    fds.write(b, memoryview(b"other"), 5, 10)  # closes a's descriptor
+    fds.write(a, memoryview(b"second"), 10, 20)
+    fds.close_all()
+    assert (tmp_path / "a").read_bytes() == b"first" + bytes(5) + b"second" + bytes(4)
+    assert (tmp_path / "b").read_bytes() == bytes(5) + b"other"
+    fds.close(a)  # done: a later run's first write starts the file afresh
+    fds.write(a, memoryview(b"new"), 0, 3)
+    fds.close_all()
+    assert (tmp_path / "a").read_bytes() == b"new"

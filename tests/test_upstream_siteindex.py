@@ -21,6 +21,7 @@ from tests.s3server import BUCKET, store_settings, unique_prefix
 from tests.test_upstream_pack import CountingStore, make_frame
 from tierfs.data import frame
 from tierfs.errors import ExitCode
+from tierfs.restore.region import LIST_ALL_AT, RegionLocator
 from tierfs.upstream import pack, siteindex
 from tierfs.upstream.objectstore import ObjectStore, StoreSettings, open_store
 from tierfs.upstream.siteindex import RegionIndex, SegmentEntry, SegmentError
@@ -54,7 +55,12 @@ def ids(*prefixes: int) -> list[bytes]:
 
 
 def publish(
-    store: ObjectStore, site: str, chunks: list[bytes], seq: int, created_ns: int
+    store: ObjectStore,
+    site: str,
+    chunks: list[bytes],
+    seq: int,
+    created_ns: int,
+    whole_max: int = siteindex.WHOLE_MAX_ENTRIES,
 ) -> pack.BuiltPack:
     """What a replicator does: pack the chunks, upload the pack, then its segments."""
     builder = pack.PackBuilder(pack.KIND_DATA, site, 1 << 20)
@@ -63,7 +69,8 @@ def publish(
     built = builder.finish(created_ns)
     store.put(built.name, built.body)
     entries = siteindex.segment_entries(built.name, built.entries)
-    for name, body in siteindex.encode_segments(site, 1, seq, created_ns, entries).items():
+    segments = siteindex.encode_segments(site, 1, seq, created_ns, entries, whole_max)
+    for name, body in segments.items():
         store.put(name, body)
     return built
 
@@ -71,10 +78,25 @@ def publish(
 # Encoding.
 
 
+def test_a_small_publication_is_one_segment_and_a_large_one_is_split() -> None:
+    chunks = ids(*range(256), 7)
+    entries = [entry(c) for c in chunks]
+    ((name, body),) = siteindex.encode_segments(SITE_A, 2, 5, T0, entries, whole_max=257).items()
+    assert name == f"index/all/{SITE_A}/00000002-000000000005"
+    segment = siteindex.decode_segment(body, name)
+    assert segment.where == siteindex.SegmentName("all", SITE_A, 2, 5)
+    assert body[5] == 0  # prefix digits: it covers every prefix
+    assert [loc.chunk_id for loc in segment.locations()] == sorted(chunks)
+    split = siteindex.encode_segments(SITE_A, 2, 5, T0, entries, whole_max=256)
+    assert len(split) == 256 and all(name[6:8] != "al" for name in split)
+    default = siteindex.encode_segments(SITE_A, 2, 5, T0, entries)
+    assert list(default) == [name]  # the default keeps publications of this size whole
+
+
 def test_segments_are_split_by_prefix() -> None:
     chunks = ids(0xAB, 0x01, 0xAB, 0xFF)
     entries = [entry(c, TREE_PACK if i == 3 else PACK) for i, c in enumerate(chunks)]
-    segments = siteindex.encode_segments(SITE_A, 3, 42, T0, reversed(entries))
+    segments = siteindex.encode_segments(SITE_A, 3, 42, T0, reversed(entries), whole_max=0)
     assert sorted(segments) == [
         f"index/01/{SITE_A}/00000003-000000000042",
         f"index/ab/{SITE_A}/00000003-000000000042",
@@ -100,7 +122,7 @@ def test_segment_layout() -> None:
     """The sizes of docs/FORMAT.md: 56-byte header, 33 per pack, 52 per entry, 8 trailer."""
     chunks = sorted(ids(7, 7, 7))
     entries = [entry(chunks[0]), entry(chunks[1], TREE_PACK), entry(chunks[2], offset=5000)]
-    ((name, body),) = siteindex.encode_segments(SITE_A, 1, 2, T0, entries).items()
+    ((name, body),) = siteindex.encode_segments(SITE_A, 1, 2, T0, entries, whole_max=0).items()
     assert name == siteindex.segment_name("07", SITE_A, 1, 2)
     assert len(body) == 56 + 2 * 33 + 3 * 52 + 8
     fields = struct.unpack_from(">4sBBHI16sIQQII", body)
@@ -129,14 +151,18 @@ def test_encoding_refuses_bad_input() -> None:
             siteindex.encode_segments(SITE_A, epoch, seq, T0, [entry(chunk)])
 
 
-@given(st.lists(st.binary(min_size=32, max_size=32), max_size=40, unique=True))
-def test_random_segments_round_trip_and_find(chunks: list[bytes]) -> None:
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), max_size=40, unique=True),
+    st.integers(min_value=0, max_value=41),
+)
+def test_random_segments_round_trip_and_find(chunks: list[bytes], whole_max: int) -> None:
     entries = [entry(c, offset=48 + i) for i, c in enumerate(chunks)]
-    segments = siteindex.encode_segments(SITE_B, 9, 9, T0, entries)
+    segments = siteindex.encode_segments(SITE_B, 9, 9, T0, entries, whole_max)
     decoded = [siteindex.decode_segment(body, name) for name, body in segments.items()]
     assert sum(s.count for s in decoded) == len(chunks)
+    assert len(decoded) == 1 or not chunks or len(chunks) > whole_max
     for i, chunk in enumerate(chunks):
-        (segment,) = [s for s in decoded if s.where.prefix == chunk.hex()[:2]]
+        (segment,) = [s for s in decoded if s.where.prefix in (chunk.hex()[:2], "all")]
         location = segment.find(chunk)
         assert location is not None and location.offset == 48 + i
         assert location.entry == pack.PackEntry(chunk, 48 + i, 100, 80)
@@ -148,7 +174,11 @@ def test_names() -> None:
     name = siteindex.segment_name("0f", SITE_A, 12, 345)
     assert name == f"index/0f/{SITE_A}/00000012-000000000345"
     assert siteindex.parse_segment_name(name) == siteindex.SegmentName("0f", SITE_A, 12, 345)
+    whole = siteindex.segment_name("all", SITE_A, 1, 2)
+    assert siteindex.parse_segment_name(whole) == siteindex.SegmentName("all", SITE_A, 1, 2)
     for wrong in (
+        f"index/al/{SITE_A}/00000012-000000000345",
+        f"index/All/{SITE_A}/00000012-000000000345",
         f"index/0f/{SITE_A.upper()}/00000012-000000000345",
         f"index/0F/{SITE_A}/00000012-000000000345",
         f"index/0f0/{SITE_A}/00000012-000000000345",
@@ -165,7 +195,7 @@ def test_names() -> None:
 
 def one_segment() -> tuple[str, bytes]:
     entries = [entry(c) for c in ids(0x5A, 0x5A)]
-    ((name, body),) = siteindex.encode_segments(SITE_A, 1, 7, T0, entries).items()
+    ((name, body),) = siteindex.encode_segments(SITE_A, 1, 7, T0, entries, whole_max=0).items()
     return name, body
 
 
@@ -200,6 +230,7 @@ def test_a_valid_body_under_another_name_is_refused() -> None:
         siteindex.segment_name("5a", SITE_A, 2, 7),
         siteindex.segment_name("5a", SITE_A, 1, 8),
         siteindex.segment_name("5b", SITE_A, 1, 7),
+        siteindex.segment_name("all", SITE_A, 1, 7),  # says 2 prefix digits, not 0
     ):
         with pytest.raises(SegmentError) as exc:
             siteindex.decode_segment(body, other)
@@ -271,10 +302,24 @@ def test_the_oldest_publication_wins(tmp_path: Path) -> None:
     assert RegionIndex(store).lookup([chunk_id])[chunk_id].pack == early.name
 
 
+@pytest.mark.parametrize("split_first", [True, False])
+def test_the_oldest_wins_across_whole_and_split_segments(tmp_path: Path, split_first: bool) -> None:
+    store = open_store(tmp_path.as_uri(), StoreSettings())
+    data = os.urandom(1000)
+    chunk_id = make_frame(data)[0]
+    first, second = (0, siteindex.WHOLE_MAX_ENTRIES) if split_first else (1 << 20, 0)
+    early = publish(store, SITE_A, [data, b"a"], seq=1, created_ns=T0, whole_max=first)
+    late = publish(store, SITE_B, [data, b"b"], seq=1, created_ns=T0 + 5, whole_max=second)
+    names = list(store.list("index/"))
+    assert any("/all/" in n for n in names) and any("/all/" not in n for n in names)
+    assert early.name != late.name
+    assert RegionIndex(store).lookup([chunk_id])[chunk_id].pack == early.name
+
+
 def test_lookup_reads_only_the_prefixes_it_needs(tmp_path: Path) -> None:
     inner = open_store(tmp_path.as_uri(), StoreSettings())
     chunks = ids(*range(256))
-    segments = siteindex.encode_segments(SITE_A, 1, 1, T0, [entry(c) for c in chunks])
+    segments = siteindex.encode_segments(SITE_A, 1, 1, T0, [entry(c) for c in chunks], 0)
     assert len(segments) == 256
     for name, body in segments.items():
         inner.put(name, body)
@@ -285,6 +330,7 @@ def test_lookup_reads_only_the_prefixes_it_needs(tmp_path: Path) -> None:
         ("get", siteindex.segment_name("12", SITE_A, 1, 1)),
         ("get", siteindex.segment_name("e0", SITE_A, 1, 1)),
         ("list", "index/12/"),
+        ("list", "index/all/"),
         ("list", "index/e0/"),
     ]
 
@@ -298,7 +344,7 @@ def test_segments_are_fetched_once_and_cached_on_disk(tmp_path: Path) -> None:
     first = RegionIndex(store, cache)
     assert len(first.lookup(chunk_ids)) == 10
     gets = store.count("get")
-    assert gets == len({c.hex()[:2] for c in chunk_ids[:10]})
+    assert gets == 1  # a publication this small is one segment
     assert len(first.lookup(chunk_ids)) == 10
     assert store.count("get") == gets  # known segments are not fetched again
     publish(store, SITE_B, data[10:], seq=1, created_ns=T0 + 1)
@@ -342,3 +388,41 @@ def test_own_segments_can_be_added_without_a_fetch(tmp_path: Path) -> None:
         index.add(name, body)
     assert index.lookup([chunk])[chunk].site_uuid == SITE_A
     assert store.count("get") == 0
+
+
+# The restore's locator: the same segments, listed once for a whole tree.
+
+
+def test_a_restore_finds_chunks_in_whole_and_split_segments(tmp_path: Path) -> None:
+    inner = open_store(tmp_path.as_uri(), StoreSettings())
+    shared = os.urandom(700)
+    split_data = [shared] + [os.urandom(300) for _ in range(60)]
+    whole_data = [shared] + [os.urandom(300) for _ in range(5)]
+    split = publish(inner, SITE_A, split_data, seq=1, created_ns=T0 + 10, whole_max=0)
+    whole = publish(inner, SITE_B, whole_data, seq=1, created_ns=T0)
+    split_ids = [make_frame(d)[0] for d in split_data]
+    whole_ids = [make_frame(d)[0] for d in whole_data]
+    expected = RegionIndex(inner).lookup(split_ids + whole_ids)
+    assert expected[split_ids[0]].pack == whole.name  # the older publication wins
+    assert {expected[c].pack for c in split_ids[1:]} == {split.name}
+
+    few = CountingStore(inner)
+    wanted = [split_ids[1], whole_ids[1]]
+    assert RegionLocator(few).locate(wanted) == {c: expected[c] for c in wanted}
+    listed = sorted(prefix for call, prefix in few.calls if call == "list")
+    assert listed == sorted({f"index/{c.hex()[:2]}/" for c in wanted} | {"index/all/"})
+
+    many = CountingStore(inner)
+    locator = RegionLocator(many)
+    assert len({c.hex()[:2] for c in split_ids}) > LIST_ALL_AT
+    assert locator.locate(split_ids + whole_ids) == expected
+    assert [call for call in many.calls if call[0] == "list"] == [("list", "index/")]
+    segment_gets = [name for call, name in many.calls if call == "get"]
+    assert sorted(segment_gets) == sorted(inner.list("index/"))  # each segment once
+
+    late = os.urandom(500)
+    late_id = make_frame(late)[0]
+    publish(inner, SITE_B, [late], seq=2, created_ns=T0 + 20)
+    assert locator.locate([late_id])[late_id].seq == 2  # published since: listed again
+    missing = make_frame(b"nobody has this")[0]
+    assert locator.locate([missing]) == {}

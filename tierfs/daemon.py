@@ -51,7 +51,7 @@ from tierfs.meta import schema
 from tierfs.meta.store import MetaStore
 from tierfs.snap import keys
 from tierfs.snap.manager import SnapshotManager
-from tierfs.snap.schedule import Scheduler
+from tierfs.snap.scheduler import Scheduler
 from tierfs.tiers.cold import devspec
 from tierfs.tiers.cold.errors import ColdFull
 from tierfs.tiers.cold.zones import Lifetime

@@ -32,19 +32,27 @@ COMMANDS = {
 }
 
 
-class TierfsGroup(click.Group):
-    """Turns TierfsError into a one-line message and its exit code; loads commands lazily."""
+class LazyGroup(click.Group):
+    """A group whose subcommands, `{name: "module:function"}`, are imported when used."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted(self.lazy)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
+        target = self.lazy.get(cmd_name)
         if target is None:
             return None
         module, name = target.split(":")
         command: click.Command = getattr(importlib.import_module(module), name)
         return command
+
+
+class TierfsGroup(LazyGroup):
+    """Turns TierfsError into a one-line message and its exit code; loads commands lazily."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -67,7 +75,9 @@ class TierfsGroup(click.Group):
             sys.exit(int(ExitCode.INTERNAL))
 
 
-@click.group(cls=TierfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=TierfsGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(__version__, prog_name="tierfs")
 def cli() -> None:
     """tierfs: a tiered, self-protecting filesystem for edge sites.

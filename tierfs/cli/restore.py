@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import click
 
-from tierfs.cli.restore_extract import restore_extract
-from tierfs.cli.restore_list import restore_list
-from tierfs.cli.restore_mount import restore_mount
-from tierfs.cli.restore_site import site as restore_site
+from tierfs.cli import LazyGroup
+
+# Imported when used: `restore extract` and `restore list` need neither trio nor pyfuse3.
+SUBCOMMANDS = {
+    "site": "tierfs.cli.restore_site:site",
+    "mount": "tierfs.cli.restore_mount:restore_mount",
+    "list": "tierfs.cli.restore_list:restore_list",
+    "extract": "tierfs.cli.restore_extract:restore_extract",
+}
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
 def restore() -> None:
     """Point-in-time views of snapshots: list them, mount one read-only, copy files out, or
     rebuild a lost site on a new machine.
@@ -27,9 +32,3 @@ def restore() -> None:
       tierfs restore list /var/lib/tierfs
       tierfs restore list s3://backups/region --key-file store-042.bundle --site store-042
     """
-
-
-restore.add_command(restore_site)
-restore.add_command(restore_mount)
-restore.add_command(restore_list)
-restore.add_command(restore_extract)

@@ -129,8 +129,9 @@ def parse_header(frame: bytes | memoryview) -> FrameInfo:
 def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes | memoryview:
     """Check a whole frame and return the plaintext (worker thread).
 
-    A raw payload comes back as a view of `frame`, not a copy: frames are read into
-    immutable `bytes`, and a copy of every chunk read cost more than checking it."""
+    A raw payload comes back as a view of `frame`, not a copy, when `frame` is `bytes` or
+    a view of `bytes` (frames are read into immutable `bytes`, and a copy of every chunk read
+    cost more than checking it); a view of anything mutable is copied."""
     info = parse_header(frame)
     if len(frame) != info.frame_len:
         raise FrameError(f"frame length {len(frame)}, header says {info.frame_len}")
@@ -143,7 +144,7 @@ def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes
         raise FrameError("frame checksum mismatch")
     data: bytes | memoryview
     if info.codec == CODEC_RAW:
-        data = payload if isinstance(frame, bytes) else bytes(payload)
+        data = payload if _immutable(frame) else bytes(payload)
     else:
         try:
             data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=info.raw_len)
@@ -152,3 +153,10 @@ def decode(frame: bytes | memoryview, expected_id: bytes | None = None) -> bytes
     if len(data) != info.raw_len:
         raise FrameError("plaintext length mismatch")
     return data
+
+
+def _immutable(frame: bytes | memoryview) -> bool:
+    """Whether a view of `frame` stays valid and unchanged for as long as it is kept."""
+    return isinstance(frame, bytes) or (
+        isinstance(frame, memoryview) and frame.readonly and isinstance(frame.obj, bytes)
+    )

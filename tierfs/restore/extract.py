@@ -13,7 +13,9 @@ How, and why:
   bounded whatever the snapshot's size. For a batch, the source turns the chunk ids into read
   jobs (upstream: one ranged GET per run of adjacent frames of a pack), which a thread pool
   runs; each worker writes the plaintext it got with `pwrite` into every file and offset that
-  uses the chunk, so a chunk shared by many files is read once.
+  uses the chunk, so a chunk shared by many files is read once. The worker that writes a
+  file's first piece creates it at its size: creating the batch's files before its reads
+  start kept the store idle for as long as the creates took.
 * **Resumable.** Data goes to `NAME.tierfs-partial`; once complete, the file gets its
   metadata and is renamed to NAME. A rerun skips a regular file that already has the
   snapshot's size and mtime (its metadata is applied again, which is cheap) and rewrites
@@ -288,23 +290,22 @@ class Extractor:
     def _flush_batch(self) -> None:
         """Write the batch's files: every chunk read once, in pack order, by the pool.
 
-        Each file is created at its size first (holes are what is never written); a worker
-        that writes a file's last piece finishes it (metadata, rename), so files complete,
-        and count as done for a rerun, while the batch goes on."""
+        A file is created at its size by the first write into it (holes are what is never
+        written), or here when it has no data; a worker that writes a file's last piece
+        finishes it (metadata, rename), so files complete, and count as done for a rerun,
+        while the batch goes on."""
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         uses: dict[bytes, list[_Use]] = {}
         for f in batch:
-            try:
-                _create_sized(f.partial, f.entry.size)
-            except OSError as exc:
-                f.error = TierfsError(f"cannot write: {exc.strerror}", ExitCode.IO)
-            if f.error is None:
-                for x in f.extents:
-                    uses.setdefault(x.chunk_id, []).append(
-                        _Use(f, x.file_off, x.chunk_off, x.length)
-                    )
-                    f.pending += 1
+            for x in f.extents:
+                uses.setdefault(x.chunk_id, []).append(_Use(f, x.file_off, x.chunk_off, x.length))
+                f.pending += 1
+        for f in batch:
             if f.pending == 0:
+                try:
+                    _create_sized(f.partial, f.entry.size)
+                except OSError as exc:
+                    f.error = TierfsError(f"cannot write: {exc.strerror}", ExitCode.IO)
                 self._finish_file(f)
         if not uses:
             return
@@ -348,7 +349,7 @@ class Extractor:
                 )
             else:
                 try:
-                    self._fds.write(f.partial, data, use.file_off)
+                    self._fds.write(f.partial, data, use.file_off, f.entry.size)
                 except OSError as exc:
                     f.error = TierfsError(f"cannot write: {exc.strerror}", ExitCode.IO)
         with self._lock:
@@ -577,20 +578,23 @@ def _failing(chunk_ids: list[bytes], error: TierfsError) -> Callable[[], list[Re
 class _Fds:
     """Write descriptors by path, opened on demand, at most `max_open` kept (LRU).
 
-    A descriptor is closed only when no thread is writing through it, so that its number
+    The first write to a path creates the file at its size (truncating what an earlier run
+    left); it is reopened as it is after an eviction, until `close` says it is done. A
+    descriptor is closed only when no thread is writing through it, so that its number
     cannot be reused under a pwrite."""
 
     def __init__(self, max_open: int) -> None:
         self._max = max_open
         self._fds: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._busy: collections.Counter[bytes] = collections.Counter()
+        self._created: set[bytes] = set()
         self._lock = threading.Lock()
 
-    def write(self, path: bytes, data: memoryview, offset: int) -> None:
+    def write(self, path: bytes, data: memoryview, offset: int, size: int) -> None:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = self._fds[path] = os.open(path, _WRITE_FLAGS)
+                fd = self._fds[path] = self._open(path, size)
             self._fds.move_to_end(path)
             self._busy[path] += 1
         try:
@@ -602,8 +606,22 @@ class _Fds:
                     del self._busy[path]
                 self._evict()
 
+    def _open(self, path: bytes, size: int) -> int:
+        if path in self._created:
+            return os.open(path, _WRITE_FLAGS)
+        fd = os.open(path, _WRITE_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._created.add(path)
+        return fd
+
     def close(self, path: bytes) -> None:
+        """The file is done (finished or failed): its descriptor goes, if no write holds it."""
         with self._lock:
+            self._created.discard(path)
             fd = self._fds.pop(path, None) if path not in self._busy else None
         if fd is not None:
             os.close(fd)

@@ -6,6 +6,10 @@ prefix again at every lookup (the replicator needs to see new publications), a r
 each prefix once and only lists it again when an id is not found: a verified manifest is
 published after every segment it depends on, so one listing taken after the manifest was
 read finds everything, and a restore of a large tree asks for many ids of the same prefix.
+Segments of whole publications (`index/all/`) count as a prefix of their own, listed with
+every lookup's first listing. When a lookup needs many prefixes at once (a whole tree), one
+listing of the whole index replaces a listing per prefix: a large publication writes up to
+256 segments, and 256 LISTs cost more than the GETs of what they find.
 
 `read_run` reads several frames of one pack with one ranged GET and checks each frame on
 its own, so that one damaged frame fails its chunk only, not its neighbours.
@@ -33,6 +37,10 @@ MAX_RUN = 8 << 20  # bytes one ranged GET may cover (adjacent frames share a req
 # A run also ends at a gap up to this size: reading a few unneeded bytes costs less than a
 # second request.
 MAX_GAP = 64 << 10
+# A lookup that needs more unloaded prefixes than this lists the whole index once.
+LIST_ALL_AT = 16
+# Segments are small (a few KiB to a MiB): more GETs in flight than chunk reads pay off.
+MIN_SEGMENT_FETCHES = 16
 
 
 def short(chunk_id: bytes) -> str:
@@ -70,15 +78,23 @@ class RegionLocator:
         wanted: dict[str, list[bytes]] = {}
         for chunk_id in chunk_ids:
             wanted.setdefault(siteindex.prefix_of(chunk_id), []).append(chunk_id)
-        fresh = self._load_prefixes([p for p in wanted if p not in self._segments])
+        if not wanted:
+            return {}
+        unloaded = [p for p in [*wanted, siteindex.ALL] if p not in self._segments]
+        if len(unloaded) > LIST_ALL_AT:
+            self._load_all()
+            fresh = set(unloaded)
+        else:
+            fresh = self._load_prefixes(unloaded)
         found: dict[bytes, Location] = {}
         again: list[str] = []
         for prefix, ids in wanted.items():
             missing = self._find_into(prefix, ids, found)
-            if missing and prefix not in fresh:
+            if missing and not {prefix, siteindex.ALL} <= fresh:
                 again.append(prefix)
         if again:  # published since our listing: list those prefixes once more
-            self._load_prefixes(again, relist=True)
+            relist = again if siteindex.ALL in fresh else [*again, siteindex.ALL]
+            self._load_prefixes(relist, relist=True)
             for prefix in again:
                 self._find_into(prefix, wanted[prefix], found)
         return found
@@ -86,9 +102,9 @@ class RegionLocator:
     def _find_into(self, prefix: str, ids: list[bytes], found: dict[bytes, Location]) -> bool:
         """Fill `found`; True when some id of `ids` is nowhere."""
         missing = False
-        segments = self._segments.get(prefix, [])
+        lists = (self._segments.get(prefix, []), self._segments.get(siteindex.ALL, []))
         for chunk_id in ids:
-            location = next((loc for s in segments if (loc := s.find(chunk_id))), None)
+            location = siteindex.oldest_location(lists, chunk_id)
             if location is None:
                 missing = True
             else:
@@ -107,22 +123,41 @@ class RegionLocator:
                 future.result()
         return set(prefixes)
 
+    def _load_all(self) -> None:
+        """One listing of the whole index, its new segments fetched together: after it,
+        every prefix counts as loaded (a prefix without segments holds nothing yet)."""
+        names: dict[str, list[str]] = {prefix: [] for prefix in siteindex.all_prefixes()}
+        for name in self._store.list(siteindex.INDEX_ROOT):
+            prefix = name[len(siteindex.INDEX_ROOT) :].split("/", 1)[0]
+            if prefix in names and name not in self._seen:
+                names[prefix].append(name)
+        todo = [name for group in names.values() for name in group]
+        with concurrent.futures.ThreadPoolExecutor(max(self._workers, MIN_SEGMENT_FETCHES)) as pool:
+            fetched = dict(zip(todo, pool.map(self._fetch, todo), strict=True))
+        for prefix, group in names.items():
+            with self._lock:
+                lock = self._prefix_locks.setdefault(prefix, threading.Lock())
+            with lock:
+                self._install(prefix, [fetched[n] for n in group])
+
     def _load(self, prefix: str, relist: bool) -> None:
         with self._lock:
             lock = self._prefix_locks.setdefault(prefix, threading.Lock())
         with lock:
             if prefix in self._segments and not relist:
                 return
-            segments = list(self._segments.get(prefix, []))
-            for name in self._store.list(siteindex.index_prefix(prefix)):
-                if name in self._seen:
-                    continue
-                segment = self._fetch(name)
-                if segment is not None:
-                    bisect.insort(segments, segment, key=lambda s: s.order)
-                    with self._lock:
-                        self._seen.add(name)
-            self._segments[prefix] = segments
+            new = self._store.list(siteindex.index_prefix(prefix))
+            self._install(prefix, [self._fetch(n) for n in new if n not in self._seen])
+
+    def _install(self, prefix: str, fetched: list[Segment | None]) -> None:
+        """Add a prefix's newly fetched segments, in publication order (its lock held)."""
+        segments = list(self._segments.get(prefix, []))
+        for segment in fetched:
+            if segment is not None:
+                bisect.insort(segments, segment, key=lambda s: s.order)
+                with self._lock:
+                    self._seen.add(segment.name)
+        self._segments[prefix] = segments
 
     def _fetch(self, name: str) -> Segment | None:
         try:

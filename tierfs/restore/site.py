@@ -210,7 +210,7 @@ class Published:
 
 
 def published(store: ObjectStore, site_uuid: str, workers: int = LIST_WORKERS) -> Published:
-    """List the site's manifests and its index segments of every prefix (257 listings, in
+    """List the site's manifests and its index segments of every prefix (258 listings, in
     parallel): the old machine may have published after the snapshot being restored."""
     epoch, counter = 0, 0
     for name in store.list(manifest_mod.manifests_prefix(site_uuid)):
@@ -219,7 +219,7 @@ def published(store: ObjectStore, site_uuid: str, workers: int = LIST_WORKERS) -
         except ValueError:
             continue
         epoch, counter = max(epoch, parsed.epoch), max(counter, parsed.counter)
-    prefixes = [f"{siteindex.index_prefix(f'{i:02x}')}{site_uuid}/" for i in range(256)]
+    prefixes = [f"{siteindex.index_prefix(p)}{site_uuid}/" for p in siteindex.all_prefixes()]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for names in pool.map(lambda p: list(store.list(p)), prefixes):
             for name in names:

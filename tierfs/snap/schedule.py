@@ -1,36 +1,25 @@
-"""Snapshot schedules: `[schedule.NAME]` tables of `tierfs.toml`, and the task that runs them.
+"""Snapshot schedules: `[schedule.NAME]` tables of `tierfs.toml` (`scheduler` runs them).
 
 A schedule names the paths it protects, how often (`every` seconds, or daily `at` HH:MM local
 time) and how many of its snapshots to keep locally (`keep_last`), so that local snapshots
 cannot fill the disk. Defaults follow the edge playbook: `critical` every 15 minutes (no paths
 until the operator lists them) and `nightly` at 02:00 for everything. A schedule without paths
 does not run. `TIERFS_SCHEDULES=off` in the daemon's environment stops every schedule (tests,
-maintenance windows).
+maintenance windows). This module is read by the configuration, so every command imports
+it: it does not import trio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
-import os
 import re
-import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
-
-import trio
+from collections.abc import Mapping
+from typing import Any
 
 from tierfs.errors import ExitCode, TierfsError
-from tierfs.snap.catalog import SENT
-
-if TYPE_CHECKING:
-    from tierfs.snap.manager import SnapshotManager
-
-log = logging.getLogger(__name__)
 
 ENV = "TIERFS_SCHEDULES"
-TICK = 10.0
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _AT = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 
@@ -111,77 +100,3 @@ def tree_paths(schedule: Schedule) -> list[bytes] | None:
     if "/" in schedule.paths:
         return None
     return [p.strip("/").encode() for p in schedule.paths]
-
-
-class Scheduler:
-    """The daemon task that takes scheduled snapshots and keeps `keep_last` of each."""
-
-    def __init__(
-        self,
-        manager: SnapshotManager,
-        schedules: tuple[Schedule, ...],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.manager = manager
-        self.schedules = [s for s in schedules if s.paths]
-        self.clock = clock
-        self.failures = 0
-
-    async def run(self) -> None:
-        if os.environ.get(ENV) == "off":
-            log.info("schedules are off (%s=off)", ENV)
-            return
-        while True:
-            for schedule in self.schedules:
-                try:
-                    await self.run_if_due(schedule)
-                except Exception:
-                    self.failures += 1
-                    log.exception("scheduled snapshot %s failed; tried again later", schedule.name)
-            await trio.sleep(TICK)
-
-    async def run_if_due(self, schedule: Schedule) -> bool:
-        mine = [r for r in self.manager.list() if r.schedule == schedule.name]
-        last = mine[-1].time_ns / 1e9 if mine else None
-        if self.clock() < schedule.next_due(last, self.manager.started):
-            return False
-        await self.manager.create(schedule=schedule.name, paths=tree_paths(schedule))
-        await self.prune(schedule)
-        return True
-
-    async def prune(self, schedule: Schedule) -> None:
-        """Delete the oldest snapshots of the schedule beyond its `keep_last`."""
-        mine = [r for r in self.manager.list() if r.schedule == schedule.name]
-        for record in mine[: max(0, len(mine) - schedule.keep_last)]:
-            await self.manager.delete(record.snapshot_id)
-
-    def status(self) -> list[dict[str, Any]]:
-        out = []
-        for schedule in self.schedules:
-            mine = [r for r in self.manager.list() if r.schedule == schedule.name]
-            last = mine[-1].time_ns / 1e9 if mine else None
-            sent = [r for r in mine if r.upstream == SENT]
-            out.append(
-                {
-                    "name": schedule.name,
-                    "paths": list(schedule.paths),
-                    "kept": len(mine),
-                    "last": mine[-1].snapshot_id if mine else None,
-                    "next_due": schedule.next_due(last, self.manager.started),
-                    "last_sent": sent[-1].snapshot_id if sent else None,
-                    "rpo_met": self._rpo_met(schedule, sent[-1].time_ns / 1e9 if sent else None),
-                }
-            )
-        return out
-
-    def _rpo_met(self, schedule: Schedule, last_sent: float | None) -> bool | None:
-        """Whether the schedule's data is upstream recently enough: its last sent snapshot
-        is at most two intervals old (None without a regional store, or before the first
-        interval since the mount has passed)."""
-        if not self.manager.upstream:
-            return None
-        rpo = 2 * (schedule.every or 86400.0)
-        now = self.clock()
-        if last_sent is None:
-            return None if now - self.manager.started < rpo else False
-        return now - last_sent <= rpo

@@ -2,12 +2,13 @@
 
 There is no lock server. After its packs are durable, a site publishes immutable segments
 listing, for each chunk it packed, where the frame lies (pack, offset, length, raw length).
-The entries are split by chunk-id prefix and each part is its own object,
-`index/<prefix>/<site uuid>/<epoch:08>-<seq:012>`, so a listing of `index/<prefix>/` finds
-every site's segments for that prefix, and a site looking up chunks fetches only the
-prefixes of the ids it asks about (docs/FORMAT.md, "Index segments"):
+A publication of at most `WHOLE_MAX_ENTRIES` entries is one object,
+`index/all/<site uuid>/<epoch:08>-<seq:012>`; a larger one is split by chunk-id prefix,
+each part its own object `index/<prefix>/...`, so that a site looking up a few chunks
+fetches only the prefixes of the ids it asks about. A lookup lists `index/all/` and
+`index/<prefix>/` (docs/FORMAT.md, "Index segments"):
 
-    header   56 bytes  magic b"TFIX", version, prefix digits, 0, flags, site uuid, epoch,
+    header   56 bytes  magic b"TFIX", version, prefix digits (0 or 2), 0, flags, site uuid, epoch,
                        seq, created_ns, pack count, entry count
     packs    33 each   pack kind and id (the pack's name, 33 bytes instead of ~90), ascending
     entries  52 each   chunk id, pack number, offset, frame length, raw length; ascending ids
@@ -49,6 +50,13 @@ KNOWN_FLAGS = 0  # reserved, as in packs: encryption, erasure-coded placement
 # is (three digits would make it 4096 requests), while a lookup of a few ids, the common
 # incremental case, reads 1/256 of each site's new index data per id (one digit: 1/16).
 PREFIX_DIGITS = 2
+# The name part of a segment that covers every prefix (its header says 0 prefix digits).
+ALL = "all"
+# A publication this small is one segment: 852 KiB at most, about 5 GiB of new data at the
+# default chunk size. Most publications (one per send) are far smaller, and one object
+# instead of up to 256 is what a send PUTs and what a restore, which needs the whole index,
+# GETs; a lookup of a few chunks then fetches the whole (small) segment, once.
+WHOLE_MAX_ENTRIES = 16_384
 MAX_EPOCH = 10**8 - 1
 MAX_SEQ = 10**12 - 1
 
@@ -57,7 +65,7 @@ _PACK = struct.Struct(">B32s")  # kind, pack id
 _ENTRY = struct.Struct(">32sIQII")  # chunk id, pack number, offset, length, raw length
 _TRAILER = 8
 _NAME = re.compile(
-    rf"index/([0-9a-f]{{{PREFIX_DIGITS}}})/([0-9a-f-]{{36}})/([0-9]{{8}})-([0-9]{{12}})"
+    rf"index/({ALL}|[0-9a-f]{{{PREFIX_DIGITS}}})/([0-9a-f-]{{36}})/([0-9]{{8}})-([0-9]{{12}})"
 )
 
 
@@ -103,12 +111,18 @@ class Location:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SegmentName:
-    """What a segment's object name says: id prefix, site, epoch, publication number."""
+    """What a segment's object name says: id prefix (or `ALL`), site, epoch, publication
+    number."""
 
     prefix: str
     site_uuid: str
     epoch: int
     seq: int
+
+    @property
+    def digits(self) -> int:
+        """The prefix digits its header must state."""
+        return 0 if self.prefix == ALL else PREFIX_DIGITS
 
 
 def segment_entries(name: str, entries: Iterable[packfmt.PackEntry]) -> list[SegmentEntry]:
@@ -120,9 +134,17 @@ def prefix_of(chunk_id: bytes) -> str:
     return chunk_id.hex()[:PREFIX_DIGITS]
 
 
+INDEX_ROOT = "index/"
+
+
 def index_prefix(prefix: str) -> str:
-    """The listing prefix of every site's segments for one id prefix."""
-    return f"index/{prefix}/"
+    """The listing prefix of every site's segments for one id prefix (or `ALL`)."""
+    return f"{INDEX_ROOT}{prefix}/"
+
+
+def all_prefixes() -> list[str]:
+    """Every id prefix a split publication may use, and `ALL`: the whole index."""
+    return [f"{i:0{PREFIX_DIGITS}x}" for i in range(16**PREFIX_DIGITS)] + [ALL]
 
 
 def segment_name(prefix: str, site_uuid: str, epoch: int, seq: int) -> str:
@@ -149,9 +171,15 @@ def _sum(data: bytes | memoryview) -> bytes:
 
 
 def encode_segments(
-    site_uuid: str, epoch: int, seq: int, created_ns: int, entries: Iterable[SegmentEntry]
+    site_uuid: str,
+    epoch: int,
+    seq: int,
+    created_ns: int,
+    entries: Iterable[SegmentEntry],
+    whole_max: int = WHOLE_MAX_ENTRIES,
 ) -> dict[str, bytes]:
-    """One segment object per id prefix present, `{name: body}`, for one publication.
+    """The segment objects of one publication, `{name: body}`: one `ALL` segment when it
+    lists at most `whole_max` chunks, else one per id prefix present.
 
     `created_ns` is when the dedup decisions these entries record were made (see
     docs/FORMAT.md on the grace period). A chunk listed twice is a caller's bug.
@@ -165,9 +193,13 @@ def encode_segments(
         if i and ordered[i - 1].chunk_id == entry.chunk_id:
             raise ValueError(f"chunk {entry.chunk_id.hex()} listed twice")
         groups.setdefault(prefix_of(entry.chunk_id), []).append(entry)
+    if ordered and len(ordered) <= whole_max:
+        groups = {ALL: ordered}
     site = uuid.UUID(site_uuid).bytes
     return {
-        segment_name(prefix, site_uuid, epoch, seq): _encode(site, epoch, seq, created_ns, group)
+        segment_name(prefix, site_uuid, epoch, seq): _encode(
+            site, epoch, seq, created_ns, group, 0 if prefix == ALL else PREFIX_DIGITS
+        )
         for prefix, group in groups.items()
     }
 
@@ -181,14 +213,12 @@ def _check_entry(entry: SegmentEntry) -> None:
 
 
 def _encode(
-    site: bytes, epoch: int, seq: int, created_ns: int, entries: list[SegmentEntry]
+    site: bytes, epoch: int, seq: int, created_ns: int, entries: list[SegmentEntry], digits: int
 ) -> bytes:
     packs = sorted({packfmt.parse_pack_name(entry.pack) for entry in entries})
     number = {packfmt.pack_name(kind, pid): i for i, (kind, pid) in enumerate(packs)}
     counts = (len(packs), len(entries))
-    parts = [
-        _HEADER.pack(MAGIC, VERSION, PREFIX_DIGITS, 0, 0, site, epoch, seq, created_ns, *counts)
-    ]
+    parts = [_HEADER.pack(MAGIC, VERSION, digits, 0, 0, site, epoch, seq, created_ns, *counts)]
     parts += [_PACK.pack(kind, pid) for kind, pid in packs]
     parts += [
         _ENTRY.pack(e.chunk_id, number[e.pack], e.offset, e.length, e.raw_len) for e in entries
@@ -245,6 +275,20 @@ class Segment:
         return [self.location(i) for i in range(self.count)]
 
 
+def oldest_location(segment_lists: Iterable[list[Segment]], chunk_id: bytes) -> Location | None:
+    """The first published location of `chunk_id` in lists of segments each in publication
+    order (a prefix's segments and the `ALL` ones)."""
+    best: tuple[tuple[int, str, int, int], Location] | None = None
+    for segments in segment_lists:
+        for segment in segments:
+            location = segment.find(chunk_id)
+            if location is not None:
+                if best is None or segment.order < best[0]:
+                    best = (segment.order, location)
+                break
+    return best[1] if best is not None else None
+
+
 def decode_segment(body: bytes, name: str) -> Segment:
     """Check a segment object against its name and everything it says; exit 12 if damaged.
 
@@ -265,7 +309,7 @@ def decode_segment(body: bytes, name: str) -> Segment:
             ExitCode.VERSION,
         )
     own = (str(uuid.UUID(bytes=site)), epoch, seq)
-    if own != (where.site_uuid, where.epoch, where.seq) or digits != PREFIX_DIGITS or reserved:
+    if own != (where.site_uuid, where.epoch, where.seq) or digits != where.digits or reserved:
         raise SegmentError(name, "header does not agree with the object name")
     if epoch < 1:
         raise SegmentError(name, "epoch 0 (epochs start at 1)")
@@ -293,10 +337,11 @@ def _check_entries(segment: Segment, name: str) -> None:
     """Ids strictly ascending and of the name's prefix, plausible places, every pack used."""
     used: set[int] = set()
     previous = b""
+    prefix = None if segment.where.prefix == ALL else segment.where.prefix
     for chunk_id, number, offset, length, _ in _ENTRY.iter_unpack(
         memoryview(segment.body)[segment.entries_at : -_TRAILER]
     ):
-        if chunk_id <= previous or prefix_of(chunk_id) != segment.where.prefix:
+        if chunk_id <= previous or (prefix is not None and prefix_of(chunk_id) != prefix):
             raise SegmentError(name, f"chunk {chunk_id.hex()} out of order or prefix")
         if (
             number >= len(segment.packs)
@@ -311,7 +356,8 @@ def _check_entries(segment: Segment, name: str) -> None:
 
 
 class RegionIndex:
-    """The region's segments, fetched per prefix as lookups need them, cached forever.
+    """The region's segments, fetched per prefix (and `ALL`) as lookups need them, cached
+    forever.
 
     Segments are immutable, so a segment fetched once (and checked) is valid for good: it is
     kept in memory and, with `cache_dir`, as a file there (the object name as the path), so a
@@ -336,7 +382,10 @@ class RegionIndex:
         for chunk_id in chunk_ids:
             wanted.setdefault(prefix_of(chunk_id), set()).add(chunk_id)
         found: dict[bytes, Location] = {}
+        if not wanted:
+            return found
         with self._lock:
+            self._refresh(ALL)
             for prefix, ids in sorted(wanted.items()):
                 self._refresh(prefix)
                 for chunk_id in ids:
@@ -354,11 +403,8 @@ class RegionIndex:
                 self._insert(segment)
 
     def _find(self, prefix: str, chunk_id: bytes) -> Location | None:
-        for segment in self._by_prefix.get(prefix, ()):
-            location = segment.find(chunk_id)
-            if location is not None:
-                return location
-        return None
+        by_prefix = self._by_prefix
+        return oldest_location((by_prefix.get(prefix, []), by_prefix.get(ALL, [])), chunk_id)
 
     def _refresh(self, prefix: str) -> None:
         """List the prefix and take in the segments not seen yet."""
