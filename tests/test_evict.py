@@ -111,6 +111,29 @@ def test_evicted_data_reads_back_equal(regional_fs: Mount, tmp_path: Path) -> No
     assert ": 0 problems" in report.stdout, report.stdout
 
 
+def test_a_sequential_read_of_an_evicted_file_fetches_each_chunk_once_in_few_gets(
+    tmp_path: Path,
+) -> None:
+    """Its chunks come in spans of the packs they were sent in, whatever order the prefetch
+    tasks run in: no chunk twice, and about one GET per pack, not one per chunk."""
+    data = make_fs(tmp_path, f"file://{tmp_path / 'region'}", {})
+    with mounted(tmp_path, data) as m:
+        (m.mnt / "big.bin").write_bytes(payload("seq", 40 * MiB))
+        snapshot_and_send(m)
+        evict(m, "--all")
+        evicted = eviction(m)["evicted_chunks"]
+        packs = sum(1 for p in (tmp_path / "region" / "packs" / "data").rglob("*") if p.is_file())
+        gets_before = status(m)["upstream"]["requests"]["get"]
+        fetched_before = eviction(m)["fetched_chunks"]
+        drop_caches(m)
+        with (m.mnt / "big.bin").open("rb") as f:
+            assert f.read() == payload("seq", 40 * MiB)
+        assert evicted > 100  # about 130 chunks of 300 KiB
+        assert eviction(m)["fetched_chunks"] - fetched_before == evicted
+        gets = status(m)["upstream"]["requests"]["get"] - gets_before
+        assert packs >= 4 and gets <= 2 * packs, (gets, packs)
+
+
 def test_evicting_files_drops_only_their_data_and_never_unsent_data(tmp_path: Path) -> None:
     region = tmp_path / "region"
     data = make_fs(tmp_path, f"file://{region}", {})

@@ -25,7 +25,7 @@ from tierfs.data import frame
 from tierfs.data.cache import ChunkCache
 from tierfs.data.chunkstore import ChunkIndex
 from tierfs.data.extents import ExtentMap
-from tierfs.data.readthrough import SPAN, ReadThrough
+from tierfs.data.readthrough import SPAN, ReadThrough, SpanClaim
 from tierfs.fs.namespace import FsError, Namespace
 from tierfs.meta.records import TIER_COLD, TIER_HOT, ChunkRecord
 from tierfs.tiers.cold.errors import ColdError
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 PREFETCH_MIN = 1 << 20
 PREFETCH_MAX = 8 << 20
+# Reading evicted data, the window reaches further: each fetch is a GET of up to a SPAN, and
+# a few of them in flight keep the store busy while the reader consumes.
+REGION_PREFETCH_MAX = 32 << 20
 LOADS_IN_FLIGHT = 16
 TIER_REGION = 3  # a piece read from the regional store (never stored in a chunk record)
 
@@ -74,7 +77,6 @@ class FileReader:
         self.cache = cache
         self.cpu_limiter = cpu_limiter
         self._loading: dict[bytes, trio.Event] = {}
-        self._prefetching: set[bytes] = set()
         self._last_end: dict[int, int] = {}
         self._window: dict[int, tuple[int, int]] = {}  # ino -> (window, prefetched up to)
         self._load_limiter = trio.CapacityLimiter(LOADS_IN_FLIGHT)
@@ -100,59 +102,82 @@ class FileReader:
         if len(self._last_end) > 4096:
             self._window.pop(next(iter(self._last_end)), None)
             self._last_end.pop(next(iter(self._last_end)))
-        if not sequential:
+        if not sequential or offset == 0:  # offset 0: a new pass starts a new window
             self._window.pop(ino, None)
         if pieces:
             if sequential:
-                self._prefetch_after(ino, offset + size, inode.size)
+                remote = any(p.tier == TIER_REGION for p in pieces)
+                limit = REGION_PREFETCH_MAX if remote else PREFETCH_MAX
+                self._prefetch(ino, offset, offset + size, inode.size, limit)
             await self._fill(ino, buf, pieces, SPAN if sequential else 0)
         self.ns.touch_atime(ino)
         return buf
 
-    def _prefetch_after(self, ino: int, end: int, file_size: int) -> None:
-        """Start loading the chunks just past a sequential read, so that the reader finds
-        them in the cache instead of waiting for a load per chunk (the kernel asks for
-        128 KiB at a time, a chunk is about 300 KiB). Only for reads that began where the
-        previous read of the file ended: random readers would pay for chunks never used.
+    def _prefetch(self, ino: int, read_start: int, end: int, file_size: int, limit: int) -> None:
+        """Start loading the chunks of a sequential read and those just past it, so that
+        the reader finds them in the cache instead of waiting for a load per chunk (the
+        kernel asks for 128 KiB at a time, a chunk is about 300 KiB). Only for reads that
+        began where the previous read of the file ended, or at its start: random readers
+        would pay for chunks never used.
 
         The window starts at PREFETCH_MIN and doubles with each sequential read that
-        needed a chunk, up to PREFETCH_MAX, so that several loads keep the disk busy while
-        the reader consumes; only the part not yet scheduled is looked up."""
-        if self.prefetch is None or end >= file_size:
+        needed a chunk, up to `limit` (PREFETCH_MAX, or REGION_PREFETCH_MAX while the read
+        needs evicted chunks), so that several loads keep the disk or the store busy while
+        the reader consumes; only the part not yet scheduled is looked up. Each load is
+        claimed here, in file order, before its task runs (`_claim`), so that neither the
+        read nor another task starts the same load."""
+        if self.prefetch is None:
             return
-        window, done = self._window.get(ino, (PREFETCH_MIN // 2, end))
-        window = min(window * 2, PREFETCH_MAX)
-        start, stop = max(end, done), min(file_size, end + window)
+        window, done = self._window.get(ino, (PREFETCH_MIN // 2, read_start))
+        window = min(window * 2, limit)
+        start, stop = max(read_start, done), min(file_size, end + window)
         self._window[ino] = (window, max(done, stop))
         if start >= stop:
             return
         for ext in self.extents.overlapping(ino, start, stop):
-            if ext.chunk_id in self._loading or ext.chunk_id in self._prefetching:
-                continue
-            if self.cache.contains(ext.chunk_id):
-                continue
-            record = self.chunks.get(ext.chunk_id)
-            where = self._where(ext.chunk_id, record) if record else None
-            if record is None or where is None:
-                continue
-            tier, seg, off = where
-            piece = ChunkPiece(0, 0, ext.chunk_id, 0, seg, off, record.frame_len, tier)
-            self._prefetching.add(ext.chunk_id)
-            self.prefetch.start_soon(self._prefetch_one, ino, piece)
+            claimed = self._claim(ext.chunk_id)
+            if claimed is not None:
+                self.prefetch.start_soon(self._prefetch_one, ino, *claimed)
 
-    async def _prefetch_one(self, ino: int, piece: ChunkPiece) -> None:
-        """Load one chunk ahead of a reader. Failures are already logged and counted by
-        chunk_data, and the read that needs the chunk reports them; nothing may escape into
+    def _claim(self, chunk_id: bytes) -> tuple[ChunkPiece, trio.Event, SpanClaim | None] | None:
+        """Mark a chunk as loading (and claim its span, when only the region has it), unless
+        it is cached, loading, or coming with a span in flight; what its load needs."""
+        if chunk_id in self._loading or self.cache.contains(chunk_id):
+            return None
+        record = self.chunks.get(chunk_id)
+        where = self._where(chunk_id, record) if record else None
+        if record is None or where is None:
+            return None
+        tier, seg, off = where
+        claim = None
+        if tier == TIER_REGION:
+            assert self.region is not None
+            if self.region.in_span(chunk_id) is not None:
+                return None
+            claim = self.region.claim(chunk_id, SPAN)
+        piece = ChunkPiece(0, 0, chunk_id, 0, seg, off, record.frame_len, tier)
+        event = self._loading[chunk_id] = trio.Event()
+        return piece, event, claim
+
+    async def _prefetch_one(
+        self, ino: int, piece: ChunkPiece, event: trio.Event, claim: SpanClaim | None
+    ) -> None:
+        """Load one claimed chunk ahead of a reader. Failures are already logged and
+        counted, and the read that needs the chunk reports them; nothing may escape into
         the daemon's nursery."""
         try:
             with self._pin(piece):
-                await self.chunk_data(ino, piece, SPAN)
+                data = await self._load_piece(ino, piece, SPAN, claim)
+            self.cache.put(piece.chunk_id, data)
         except FsError:
             return
         except Exception:
             log.exception("inode %d: prefetch of chunk %s failed", ino, piece.chunk_id.hex()[:16])
         finally:
-            self._prefetching.discard(piece.chunk_id)
+            self._loaded(piece.chunk_id, event)
+            if claim is not None:
+                assert self.region is not None
+                self.region.release(claim)
 
     def _plan(self, ino: int, offset: int, size: int, buf: bytearray) -> list[ChunkPiece]:
         """Copy staged bytes into `buf` now; return the chunk pieces still to fetch."""
@@ -216,26 +241,37 @@ class FileReader:
             await pending.wait()
         event = self._loading[p.chunk_id] = trio.Event()
         try:
-            if p.tier == TIER_REGION:
-                data = await self._from_region(ino, p, span)
-            else:
-                data = await self._load_local(ino, p)
+            data = await self._load_piece(ino, p, span)
         finally:
-            del self._loading[p.chunk_id]
-            event.set()
+            self._loaded(p.chunk_id, event)
         self.cache.put(p.chunk_id, data)
         return data
 
-    async def _from_region(self, ino: int, p: ChunkPiece, span: int) -> bytes | memoryview:
-        """An evicted chunk: from a span in flight that brings it along, else fetched."""
+    def _loaded(self, chunk_id: bytes, event: trio.Event) -> None:
+        if self._loading.get(chunk_id) is event:
+            del self._loading[chunk_id]
+        event.set()
+
+    async def _load_piece(
+        self, ino: int, p: ChunkPiece, span: int, claim: SpanClaim | None = None
+    ) -> bytes | memoryview:
+        if p.tier == TIER_REGION:
+            return await self._from_region(ino, p, span, claim)
+        return await self._load_local(ino, p)
+
+    async def _from_region(
+        self, ino: int, p: ChunkPiece, span: int, claim: SpanClaim | None
+    ) -> bytes | memoryview:
+        """An evicted chunk: from a span in flight that brings it along, else fetched (with
+        the span claimed for it, if any)."""
         assert self.region is not None
-        pending = self.region.in_span(p.chunk_id)
+        pending = self.region.in_span(p.chunk_id) if claim is None else None
         if pending is not None:
             await pending.wait()
             cached = self.cache.get(p.chunk_id)
             if cached is not None:
                 return cached
-        return await self.region.fetch(ino, p.chunk_id, span=span)
+        return await self.region.fetch(ino, p.chunk_id, span=span, claim=claim)
 
     def take_extra(self, chunk_id: bytes, fetched: Fetched) -> bool:
         """A frame a span brought along: cached (and offered to the keeper) if the chunk is

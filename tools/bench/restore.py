@@ -59,7 +59,7 @@ import blake3
 
 from tierfs.data import readthrough
 from tierfs.data.keeper import QUEUE_MAX_BYTES as KEEPER_QUEUE
-from tierfs.data.reader import PREFETCH_MAX
+from tierfs.data.reader import REGION_PREFETCH_MAX
 from tierfs.data.readthrough import FETCHES_IN_FLIGHT
 from tierfs.upstream.metered import kind_of
 from tools import s3server
@@ -1243,7 +1243,8 @@ def _fetch_notes(outcome: Outcome) -> list[str]:
         f"({_size(frame)} a frame on average) in {c['gets']:,} GETs ({_size(per_get)} and "
         f"{chunks / max(c['gets'], 1):.1f} chunks a GET, {per_s:,.0f} GETs a second): {how}; "
         f"at most {FETCHES_IN_FLIGHT} fetches in flight (`FETCHES_IN_FLIGHT`), started by "
-        f"the reader's prefetch, whose window doubles from 1 MiB up to {_size(PREFETCH_MAX)} "
+        f"the reader's prefetch, whose window doubles from 1 MiB up to "
+        f"{_size(REGION_PREFETCH_MAX)} while it reads evicted data "
         "per file (tierfs/data/reader.py)."
     )
     shares = {
