@@ -33,7 +33,7 @@ from tierfs.upstream.siteindex import Location, Segment
 log = logging.getLogger(__name__)
 
 ContentId = Callable[[bytes | memoryview], bytes]
-MAX_RUN = 8 << 20  # bytes one ranged GET may cover (adjacent frames share a request)
+MAX_RUN = 16 << 20  # bytes one ranged GET may cover (adjacent frames share a request)
 # A run also ends at a gap up to this size: reading a few unneeded bytes costs less than a
 # second request.
 MAX_GAP = 64 << 10
