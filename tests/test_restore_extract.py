@@ -259,6 +259,24 @@ def test_list_and_extract_a_whole_snapshot(site: Site, tmp_path: Path) -> None:
     assert_same_tree(site.m.mnt, from_data_dir)
 
 
+def test_a_tree_of_many_batches_is_extracted_whole(
+    local_site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches are read while the walk goes on; with a batch of two files, most files of
+    the tree are in a batch that starts before the previous one has finished."""
+    monkeypatch.setattr(extract_mod, "BATCH_FILES", 2)
+    monkeypatch.setattr(extract_mod, "BATCH_BYTES", 1 * MiB)
+    site = local_site
+    fill(site.m.mnt)
+    for i in range(12):
+        (site.m.mnt / f"small-{i}").write_bytes(os.urandom(1000 + i))
+    snap = site.snapshot()
+    dest = tmp_path / "dest"
+    site.restore("extract", snap, dest)
+    assert_same_tree(site.m.mnt, dest)
+    assert not list(dest.rglob("*.tierfs-partial"))
+
+
 # -- versions, subtrees, resuming -------------------------------------------------------------
 
 

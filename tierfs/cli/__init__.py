@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from typing import Any
@@ -93,12 +94,31 @@ def cli() -> None:
     """
 
 
+class _Exit:
+    fast = False
+
+
+def exit_fast_when_done() -> None:
+    """For a command whose process holds nothing to tear down once it returns (files closed,
+    nothing to flush but stdio): `main` then ends the process without the interpreter's
+    teardown, which frees every object one by one (0.1-0.2 s after a restore, whose
+    boto3 client alone is tens of thousands). In-process callers (tests) are unaffected."""
+    _Exit.fast = True
+
+
 def main() -> None:
     try:
         cli(prog_name="tierfs")
     except TierfsError as exc:
         click.echo(f"tierfs: error: {exc.message}", err=True)
         sys.exit(int(exc.exit_code))
+    except SystemExit as exc:
+        if _Exit.fast:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code if isinstance(exc.code, int) else int(exc.code is not None))
+        raise
 
 
 __all__ = ["ExitCode", "cli", "main"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from tierfs.cli import exit_fast_when_done
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.restore.extract import Extractor, Failure, Progress
 from tierfs.restore.options import open_from_options, source_options
@@ -57,6 +58,7 @@ def restore_extract(
       tierfs restore extract s3://backups/region --key-file domain.bundle \\
           --site store-042 --at 2026-12-07T15:00:00Z :srv/db /tmp/db
     """
+    exit_fast_when_done()  # the extractor closes every file it writes, failed or not
     spec, dest = _split_args(args, at)
     key, _, path = spec.partition(":") if spec is not None else ("", "", "")
     with open_from_options(
