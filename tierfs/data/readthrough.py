@@ -57,7 +57,7 @@ class ReadThroughCounters:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpanClaim:
-    """A span registered as in flight: `[start, end)` of `pack`, `done` once fetched."""
+    """A span registered as in flight: `[start, end)` of `where.pack`, `done` once over."""
 
     chunk_id: bytes
     where: UpstreamRecord
@@ -104,8 +104,9 @@ class ReadThrough:
         return claim
 
     def release(self, claim: SpanClaim) -> None:
-        """A claim whose fetch will not run (its task was cancelled before it started):
-        readers waiting for its span go and fetch their chunks themselves."""
+        """The claim's span is no longer in flight: fetched, failed, or never started (its
+        task was cancelled first). Readers waiting for it look in the cache, and fetch
+        what is not there themselves."""
         spans = self._spans.get(claim.where.pack, [])
         if claim in spans:
             spans.remove(claim)

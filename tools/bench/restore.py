@@ -1478,24 +1478,14 @@ comparison is reported as not made.
 
 
 def print_tables(outcome: Outcome) -> None:
-    print("Restore: dataset")
-    print(report.text_table(dataset_rows(outcome), DATASET_HEADER))
-    print()
-    print("Restore: setup")
-    print(report.text_table(setup_rows(outcome), SETUP_HEADER))
-    print()
-    print("Restore: throughput")
-    print(report.text_table(throughput_rows(outcome), THROUGHPUT_HEADER))
-    print()
-    print("Restore: evicted reads by kind of file (medians)")
-    print(report.text_table(kind_rows(outcome), KIND_HEADER))
-    print()
-    print("Restore: what the evicted reads fetched")
-    print(report.text_table(fetch_rows(outcome), FETCH_HEADER))
-    print()
-    print("\n".join(goals(outcome)))
-    print()
-    print("\n".join(f"- {line}" for line in notes(outcome)))
+    tables: list[report.TitledTable] = [
+        ("Restore: dataset", dataset_rows(outcome), DATASET_HEADER),
+        ("Restore: setup", setup_rows(outcome), SETUP_HEADER),
+        ("Restore: throughput", throughput_rows(outcome), THROUGHPUT_HEADER),
+        ("Restore: evicted reads by kind of file (medians)", kind_rows(outcome), KIND_HEADER),
+        ("Restore: what the evicted reads fetched", fetch_rows(outcome), FETCH_HEADER),
+    ]
+    report.print_report(tables, goals(outcome), notes(outcome))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
