@@ -321,3 +321,44 @@ def test_a_long_sequential_write_is_sealed_behind_its_writer(
         run_cli("flush", m.mnt)
         m.remount()
         assert (m.mnt / "stream").read_bytes() == data + b"tail"
+
+
+def staging_allocated(data_dir: Path, ino: int) -> int:
+    """Allocated bytes of an inode's staging file (tierfs inode numbers are st_ino)."""
+    path = data_dir / "staging" / f"{ino & 0xFF:02x}" / f"{ino:016x}"
+    return path.stat().st_blocks * 512 if path.exists() else 0
+
+
+def test_fsync_after_sealing_behind_the_writer_leaves_sealed_bytes_out_of_staging(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """An fsync of a file sealed behind its writer first makes those seals durable and
+    punches their bytes out of staging, so that it flushes only what is not sealed yet: the
+    sealed bytes reach the disk once, as chunks. The fsynced file survives kill -9."""
+    configure(data_dir, seal__stream_behind_mb=2, seal__batch_mb=2)
+    data = os.urandom(16 << 20)
+    with mounted(tmp_path, data_dir) as m:
+        path = m.mnt / "stream"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for i in range(0, 12 << 20, 1 << 20):
+                os.write(fd, data[i : i + (1 << 20)])
+            deadline = time.monotonic() + 30
+            while status(m)["seal"]["sealed_bytes"] < 8 << 20:
+                assert time.monotonic() < deadline, "nothing sealed behind the open writer"
+                time.sleep(0.05)
+            sealed = status(m)["seal"]["sealed_bytes"]
+            for i in range(12 << 20, len(data), 1 << 20):
+                os.write(fd, data[i : i + (1 << 20)])
+            os.fsync(fd)
+            allocated = staging_allocated(data_dir, os.fstat(fd).st_ino)
+        finally:
+            os.close(fd)
+        assert allocated <= len(data) - sealed + MiB, (
+            f"{allocated:,} bytes of staging after fsync, {sealed:,} of {len(data):,} sealed"
+        )
+        m.kill9()
+        m.mount()
+        assert path.read_bytes() == data
+        m.umount()
+        assert run_cli("fsck", m.data).returncode == 0

@@ -152,10 +152,10 @@ SETTINGS: tuple[Setting, ...] = (
         "seal",
         "stream_behind_mb",
         int,
-        0,
+        64,
         "A file being written sequentially is sealed behind its writer once this much of it\n"
-        "# lies behind the write position, while it is still open (0, the default: at the\n"
-        "# close; on few cores sealing behind a writer slows it, see docs/benchmarks.md).",
+        "# lies behind the write position, while it is still open, so that its bytes reach the\n"
+        "# disk once, as chunks, instead of also from staging (0: only after the close).",
         0,
     ),
     Setting(

@@ -651,11 +651,14 @@ def _final_commit(daemon: Daemon) -> None:
     store.sync_meta()
     store.durable_commits = store.commits
     staging = daemon.ns.staging
-    staging.unsynced_dirs |= staging.unlink_files(staging.release_durable(store.durable_commits))
+    due = daemon.durability.take_unlinks() + staging.release_durable(store.durable_commits)
+    unlinked = staging.unlinked_dirs | staging.unlink_files(due)
     daemon.sealer.free_durable_now()
-    # The removals just made must be durable before the index says "clean": a clean index
-    # skips the scan for stray staging files at the next mount.
-    daemon.ns.staging.take_sync_work().run()
+    # Every removal must be durable before the index says "clean": a clean index skips the
+    # scan for stray staging files at the next mount.
+    staging.unsynced_dirs |= unlinked
+    staging.unlinked_dirs = set()
+    staging.take_sync_work().run()
     mark_clean(daemon.ns)
     store.commit()
 

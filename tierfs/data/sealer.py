@@ -6,13 +6,15 @@ prepare (under `prepare_lock`, one round at a time)
   1. take (trio): staged ranges not already in a round in flight; writes to them from now
      on are recorded ("watched") so that the round does not install data that changed;
   2. cut (worker): read the staged bytes into a reused arena, cut them (FastCDC, or fixed
-     blocks), name each chunk;
+     blocks); then name each chunk (workers: the pieces are split over the CPU limiter's
+     threads);
   3. dedup (trio): chunks the index already has, or a round in flight is storing, are not
      stored again;
-  4. encode (worker): zstd + frame the new chunks;
+  4. encode (workers, split the same way): zstd + frame the new chunks;
 
 store (in round order; the next round prepares meanwhile, so two cores work)
-  5. append (worker): write the frames to the active hot segment and fdatasync it;
+  5. append (worker): write the frames to the active hot segment (large rounds with
+     O_DIRECT) and fdatasync it;
   6. install (trio, one operation): chunk records, extents for every piece not touched
      meanwhile, segment end; the sealed ranges leave staging. The group commit makes it
      durable later;
@@ -34,7 +36,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -43,7 +45,18 @@ from tierfs.data import frame
 from tierfs.data.chunker import Chunker
 from tierfs.data.chunkstore import ChunkIndex, PendingFree
 from tierfs.data.extents import Extent, ExtentMap
-from tierfs.data.sealwork import ArenaPool, Batch, Encoded, Job, Placed, cut_batch, encode_new
+from tierfs.data.sealwork import (
+    ArenaPool,
+    Batch,
+    Encoded,
+    Job,
+    Piece,
+    Placed,
+    cut_batch,
+    encode_pieces,
+    name_pieces,
+    split_by_bytes,
+)
 from tierfs.errors import ExitCode, TierfsError
 from tierfs.fs.durability import Durability
 from tierfs.fs.namespace import Namespace
@@ -54,6 +67,8 @@ from tierfs.meta.records import FLAG_FIXED_CHUNKING, TIER_HOT, ChunkRecord, Segm
 from tierfs.tiers.hot import HotStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TICK = 0.2
 RETRY_DELAY = 2.0
@@ -281,16 +296,34 @@ class Sealer:
                 self._arenas.size,
                 limiter=self.cpu_limiter,
             )
+            await self._in_parallel(name_pieces, batch.pieces(), self.chunker)
             self._narrow_inflight(batch)
             self._dedup(batch)
             level = self.policy.zstd_level
-            await trio.to_thread.run_sync(encode_new, batch, level, limiter=self.cpu_limiter)
+            batch.frames = await self._in_parallel(encode_pieces, batch.pieces_to_store(), level)
             batch.prepare_time = time.monotonic() - started
             return True
         except OSError as exc:
             self.failures += 1
             log.warning("seal round failed, data stays staged: %s", exc)
             return False
+
+    async def _in_parallel(
+        self, work: Callable[[list[Piece], Any], list[T]], pieces: list[Piece], arg: Any
+    ) -> list[T]:
+        """`work(run, arg)` over runs of `pieces` in as many worker threads as the CPU
+        limiter allows, results in piece order: naming and encoding a round take most of
+        its time, and after an fsync the trio thread leaves a core idle for them."""
+        runs = split_by_bytes(pieces, int(self.cpu_limiter.total_tokens))
+        results: list[list[T]] = [[] for _ in runs]
+
+        async def one(i: int) -> None:
+            results[i] = await trio.to_thread.run_sync(work, runs[i], arg, limiter=self.cpu_limiter)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(runs)):
+                nursery.start_soon(one, i)
+        return [item for result in results for item in result]
 
     async def _store(self, batch: Batch, previous: trio.Event, stored: trio.Event) -> bool:
         """Append and install a prepared batch, after the round before it (store stage)."""
@@ -447,10 +480,12 @@ class Sealer:
         new_segment = self.hot.needs_new_segment(total)
         if new_segment:
             self._start_segment()
-        seg, offset = self.hot.active, self.hot.tail
+        seg, offset = self.hot.active, self.hot.place(total)
         assert seg is not None
         parts = [part for f in frames for part in f.parts]
-        await trio.to_thread.run_sync(self.hot.append, seg, offset, parts, limiter=self.io_limiter)
+        end = await trio.to_thread.run_sync(
+            self.hot.append, seg, offset, parts, limiter=self.io_limiter
+        )
         if new_segment:
             await trio.to_thread.run_sync(
                 self.hot.sync_new_segment_dirs, seg, limiter=self.io_limiter
@@ -460,7 +495,7 @@ class Sealer:
         for f in frames:
             placed.append(Placed(f.chunk_id, seg, pos, f.frame_len, f.raw_len, f.codec))
             pos += f.frame_len
-        self.hot.tail = pos
+        self.hot.tail = end
         return placed
 
     def _start_segment(self) -> None:

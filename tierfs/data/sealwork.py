@@ -2,9 +2,11 @@
 
 A `Batch` is what one seal round carries through the pipeline: the staged ranges it took
 (`Job`s), the chunks they were cut into (`Piece`s), the frames of the new ones (`Encoded`)
-and where those landed (`Placed`). Cutting and encoding are pure functions of the batch
-that run in worker threads; everything that touches the index stays on the trio thread
-in `sealer.py`.
+and where those landed (`Placed`). Cutting, naming and encoding are pure functions of the
+batch that run in worker threads; everything that touches the index stays on the trio
+thread in `sealer.py`. Cutting is sequential (where a chunk ends depends on where the one
+before it began); naming and encoding work on independent pieces, so the sealer splits
+them over the CPU limiter's threads (`split_by_bytes`).
 
 The staged bytes of a batch are read into an arena, one `bytearray` reused across rounds:
 allocating 64 MiB of fresh memory per round (zeroed and faulted in page by page) cost more
@@ -75,6 +77,19 @@ class Batch:
     frames: list[Encoded] = field(default_factory=list)
     prepare_time: float = 0.0
 
+    def pieces(self) -> list[Piece]:
+        return [piece for job in self.jobs for piece in job.pieces]
+
+    def pieces_to_store(self) -> list[Piece]:
+        """One piece per chunk id the batch stores anew, in file order."""
+        seen: set[bytes] = set()
+        out = []
+        for piece in self.pieces():
+            if piece.chunk_id in self.new_ids and piece.chunk_id not in seen:
+                seen.add(piece.chunk_id)
+                out.append(piece)
+        return out
+
     def drop_data(self) -> None:
         """Forget every view of the arena, so that it can be handed to the next round."""
         for job in self.jobs:
@@ -101,7 +116,7 @@ class ArenaPool:
 def cut_batch(
     batch: Batch, chunker: Chunker, staging_path: Callable[[int, int], str], arena_size: int
 ) -> None:
-    """Worker thread: read each job's staged bytes, cut them, and name the chunks.
+    """Worker thread: read each job's staged bytes and cut them into pieces (not named yet).
 
     A range that does not end its staged run leaves its last chunk for a later round, so
     that a run split across rounds is cut where FastCDC would have cut it whole.
@@ -128,23 +143,39 @@ def cut_batch(
                 if not final and len(cuts) > 1:
                     cuts.pop()
                 for off, length in cuts:
-                    piece = buf[off : off + length]
-                    job.pieces.append(Piece(start + off, length, chunker.content_id(piece), piece))
+                    job.pieces.append(Piece(start + off, length, data=buf[off : off + length]))
         finally:
             os.close(fd)
 
 
-def encode_new(batch: Batch, level: int) -> None:
-    """Worker thread: the frame (as parts) of every chunk the batch stores anew."""
-    seen: set[bytes] = set()
-    for job in batch.jobs:
-        for piece in job.pieces:
-            if piece.chunk_id not in batch.new_ids or piece.chunk_id in seen:
-                continue
-            seen.add(piece.chunk_id)
-            parts, codec = frame.encode_parts(piece.chunk_id, piece.data, level)
-            size = sum(len(p) for p in parts)
-            batch.frames.append(Encoded(piece.chunk_id, parts, size, piece.length, codec))
+def name_pieces(pieces: list[Piece], chunker: Chunker) -> list[None]:
+    """Worker thread: each piece's content id."""
+    for piece in pieces:
+        piece.chunk_id = chunker.content_id(piece.data)
+    return []
+
+
+def encode_pieces(pieces: list[Piece], level: int) -> list[Encoded]:
+    """Worker thread: the frame (as parts) of each piece, in order."""
+    out = []
+    for piece in pieces:
+        parts, codec = frame.encode_parts(piece.chunk_id, piece.data, level)
+        size = sum(len(p) for p in parts)
+        out.append(Encoded(piece.chunk_id, parts, size, piece.length, codec))
+    return out
+
+
+def split_by_bytes(pieces: list[Piece], parts: int) -> list[list[Piece]]:
+    """`pieces` in at most `parts` consecutive runs of about equal bytes (none empty)."""
+    total = sum(p.length for p in pieces)
+    runs: list[list[Piece]] = [[]]
+    share, done = total / max(parts, 1), 0
+    for piece in pieces:
+        if runs[-1] and done >= share * len(runs) and len(runs) < parts:
+            runs.append([])
+        runs[-1].append(piece)
+        done += piece.length
+    return [run for run in runs if run]
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:

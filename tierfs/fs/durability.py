@@ -35,6 +35,7 @@ class Durability:
         self._last_commit = time.monotonic()
         self.fsyncs = 0
         self.sync_lock = trio.Lock()
+        self._unlinks: list[str] = []
 
     def commit(self) -> None:
         """Fold staged ranges into the group and commit it (trio thread, no await).
@@ -57,6 +58,8 @@ class Durability:
         sync, so a second sync must not return before the first one's flush has finished.
         """
         async with self.sync_lock:
+            if ino is not None and self.ns.staging.punch_pending(ino):
+                await self._punch_sealed()
             work = self.ns.staging.take_sync_work(ino)
             await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
             crash_point("fsync-after-data")
@@ -67,6 +70,27 @@ class Durability:
             crash_point("fsync-after-commit")
             self.fsyncs += 1
 
+    async def _punch_sealed(self) -> None:
+        """Make the seals done so far durable and punch their bytes out of staging, so that
+        the fsync that follows does not write back what already lies in chunks: a file
+        sealed behind its writer then reaches the disk once, not twice."""
+        self.commit()
+        committed = self.store.commits
+        await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
+        self.store.durable_commits = max(self.store.durable_commits, committed)
+        self._release_durable_now()
+
+    def _release_durable_now(self) -> None:
+        """Deferred punches whose commit is durable, now; removals of staging files are
+        left to the committer task, which unlinks them in a worker thread."""
+        unlinks = self.ns.staging.release_durable(self.store.durable_commits)
+        self._unlinks.extend(unlinks)
+
+    def take_unlinks(self) -> list[str]:
+        """Staging files due for removal that the committer task has not removed yet."""
+        unlinks, self._unlinks = self._unlinks, []
+        return unlinks
+
     async def run(self) -> None:
         """The committer task: commit every `interval`, or sooner once `max_ops` piled up."""
         while True:
@@ -74,9 +98,10 @@ class Durability:
             due = time.monotonic() - self._last_commit >= self.interval
             if self.store.pending_ops >= self.max_ops or (due and self._has_changes()):
                 self.commit()
-            unlinks = self.ns.staging.release_durable(self.store.durable_commits)
+            self._release_durable_now()
+            unlinks = self.take_unlinks()
             if unlinks:
-                self.ns.staging.unsynced_dirs |= await trio.to_thread.run_sync(
+                self.ns.staging.unlinked_dirs |= await trio.to_thread.run_sync(
                     self.ns.staging.unlink_files, unlinks, limiter=self.io_limiter
                 )
 

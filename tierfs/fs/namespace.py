@@ -577,20 +577,23 @@ class Namespace:
             self.store.put_inode(tx, inode)
         return written
 
-    def touch_atime(self, ino: int) -> None:
+    def touch_atime(self, ino: int, seen: Inode | None = None) -> None:
         """relatime: update atime when older than mtime/ctime or a day.
 
         Takes the inode number, not a record: a caller that awaited since it read the record
-        would otherwise write back a stale size or extent count.
+        would otherwise write back a stale size or extent count. A record the caller read
+        (`seen`) only tells whether an update can be due at all, which spares every read
+        but the first a second lookup.
         """
         if not self.update_atime:
             return
         now = time.time_ns()
+        if seen is not None and not _atime_due(seen, now):
+            return
         inode = self.store.get_inode(ino)
         if inode is None:
             return
-        a = inode.atime_ns
-        if a <= inode.mtime_ns or a <= inode.ctime_ns or now - a >= _DAY_NS:
+        if _atime_due(inode, now):
             with self.store.op() as tx:
                 inode.atime_ns = now
                 self.store.put_inode(tx, inode)
@@ -683,3 +686,9 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG)
     if not name or b"/" in name or name in (b".", b".."):
         raise FsError(errno.EINVAL)
+
+
+def _atime_due(inode: Inode, now: int) -> bool:
+    """relatime's rule: the access time is older than the last change, or than a day."""
+    a = inode.atime_ns
+    return a <= inode.mtime_ns or a <= inode.ctime_ns or now - a >= _DAY_NS

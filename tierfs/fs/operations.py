@@ -433,7 +433,7 @@ class TierfsOperations(pyfuse3.Operations):
         return self._new_handle(inode.ino, flags), self.attrs(inode)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         ino = self.handles[fh].ino
         if is_snapshot_ino(ino):
             return await self._view(ino).read(ino, off, size)
