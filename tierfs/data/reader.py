@@ -122,8 +122,8 @@ class FileReader:
 
     def _prefetch(self, ino: int, read_start: int, end: int, file_size: int, limit: int) -> None:
         """Start loading the chunks of a sequential read and those just past it, so that
-        the reader finds them in the cache instead of waiting for a load per chunk (the
-        kernel asks for 128 KiB at a time, a chunk is about 300 KiB). Only for reads that
+        the reader finds them in the cache instead of waiting for a load per chunk (a
+        request is at most 1 MiB, a chunk about 300 KiB). Only for reads that
         began where the previous read of the file ended, or at its start: random readers
         would pay for chunks never used.
 

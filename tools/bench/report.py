@@ -348,10 +348,10 @@ workloads and then the data-path workloads, in the same mount.
 
 - **Sequential write**: one file of random data written with 1 MiB writes, then fsync; the
   time includes the fsync. This is what the application waits for (`dd bs=1M conv=fsync`);
-  tierfs has staged the data, not yet sealed it.
+  tierfs seals such a stream behind the writer (`seal.stream_behind_mb`, 64 MiB), so by the
+  fsync most of it is in chunks and the rest is staged.
 - **Sequential read**: the same file read back with 1 MiB reads, cold. tierfs reads it mostly
-  from staging: a remount does not seal, though the background sealer may start on the file
-  once it has been closed for a while and the filesystem is idle.
+  from chunks in the hot tier (what was sealed behind the writer), the tail from staging.
 - **Create**: a tree of directories of 100 files each; mkdir each directory, then
   create + write 4 KiB + close each file. Rates count files; directory operations are in the
   time.
