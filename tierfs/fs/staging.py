@@ -125,7 +125,11 @@ class Staging:
         self.streams[ino] = (run[0] if run is not None and run[1] == start else start, end)
 
     def write_unmarked(self, ino: int, offset: int, data: bytes | memoryview) -> None:
-        """Write bytes that are not staged yet (compaction marks them once durable)."""
+        """Write bytes that are not staged yet (compaction marks them once durable).
+
+        A punch still pending from an earlier seal of the same range must not reach them
+        between this write and the mark (the compaction awaits its fsync in between), so it
+        is cancelled now, as a write's would be."""
         fd = self._write_fd(ino)
         self._check_space(len(data))
         view = memoryview(data)
@@ -133,6 +137,8 @@ class Staging:
         while pos < len(data):
             pos += os.pwrite(fd, view[pos:], offset + pos)
         self.unsynced_files.add(ino)
+        if ino in self._deferred:
+            self._cancel_punches(ino, offset, offset + len(data))
 
     def mark(self, ino: int, start: int, end: int) -> None:
         self._mark(ino, start, end)
