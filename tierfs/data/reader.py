@@ -219,7 +219,7 @@ class FileReader:
         """Worker thread: one pread over the frames of `pieces` (one segment, in order);
         each frame's plaintext, or None where the frame fails its check."""
         base = pieces[0].frame_off
-        raw = memoryview(self.hot.read(pieces[0].seg, base, _run_end(pieces) - base))
+        raw = memoryview(self.hot.read(pieces[0].seg, base, _frame_end(pieces[-1]) - base))
         out: list[bytes | memoryview | None] = []
         for p in pieces:
             try:
@@ -415,8 +415,8 @@ class FileReader:
 Claimed = tuple[ChunkPiece, trio.Event, SpanClaim | None]
 
 
-def _run_end(pieces: list[ChunkPiece]) -> int:
-    return pieces[-1].frame_off + pieces[-1].frame_len
+def _frame_end(piece: ChunkPiece) -> int:
+    return piece.frame_off + piece.frame_len
 
 
 def _hot_runs(claims: list[Claimed]) -> list[list[Claimed]]:
@@ -431,8 +431,8 @@ def _hot_runs(claims: list[Claimed]) -> list[list[Claimed]]:
             and piece.tier == TIER_HOT
             and last.tier == TIER_HOT
             and piece.seg == last.seg
-            and 0 <= piece.frame_off - _run_end([last]) <= RUN_GAP
-            and _run_end([piece]) - runs[-1][0][0].frame_off <= RUN_MAX
+            and 0 <= piece.frame_off - _frame_end(last) <= RUN_GAP
+            and _frame_end(piece) - runs[-1][0][0].frame_off <= RUN_MAX
         ):
             runs[-1].append(claim)
         else:

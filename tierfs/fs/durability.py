@@ -63,10 +63,7 @@ class Durability:
             work = self.ns.staging.take_sync_work(ino)
             await trio.to_thread.run_sync(work.run, limiter=self.io_limiter)
             crash_point("fsync-after-data")
-            self.commit()
-            committed = self.store.commits
-            await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
-            self.store.durable_commits = max(self.store.durable_commits, committed)
+            await self._commit_durably()
             crash_point("fsync-after-commit")
             self.fsyncs += 1
 
@@ -74,11 +71,15 @@ class Durability:
         """Make the seals done so far durable and punch their bytes out of staging, so that
         the fsync that follows does not write back what already lies in chunks: a file
         sealed behind its writer then reaches the disk once, not twice."""
+        await self._commit_durably()
+        self._release_durable_now()
+
+    async def _commit_durably(self) -> None:
+        """Commit the group and flush its meta page: every commit so far is durable."""
         self.commit()
         committed = self.store.commits
         await trio.to_thread.run_sync(self.store.sync_meta, limiter=self.io_limiter)
         self.store.durable_commits = max(self.store.durable_commits, committed)
-        self._release_durable_now()
 
     def _release_durable_now(self) -> None:
         """Deferred punches whose commit is durable, now; removals of staging files are

@@ -137,8 +137,7 @@ class Staging:
         while pos < len(data):
             pos += os.pwrite(fd, view[pos:], offset + pos)
         self.unsynced_files.add(ino)
-        if ino in self._deferred:
-            self._cancel_punches(ino, offset, offset + len(data))
+        self._cancel_punches(ino, offset, offset + len(data))
 
     def mark(self, ino: int, start: int, end: int) -> None:
         self._mark(ino, start, end)
@@ -201,8 +200,7 @@ class Staging:
         if ino not in self.dirty_since:
             self.dirty_since[ino] = time.monotonic()
         self._touch(ino, start, end)
-        if ino in self._deferred:
-            self._cancel_punches(ino, start, end)
+        self._cancel_punches(ino, start, end)
 
     def unstage(self, ino: int, start: int, end: int) -> None:
         """[start, end) is sealed: it no longer lives in staging."""
@@ -265,8 +263,8 @@ class Staging:
         written since belong to a later state: punching them before *that* is durable
         would lose them (e.g. fsynced, then sealed again, then killed before the commit).
         """
-        items = self._deferred[ino]
-        if not any(b >= 0 and a < end and b > start for _, a, b in items):
+        items = self._deferred.get(ino)
+        if not items or not any(b >= 0 and a < end and b > start for _, a, b in items):
             return
         kept = []
         for commit, a, b in items:
