@@ -110,7 +110,7 @@ class Caller:
         self.commits += 1
 
     def migrate(self, chunks: list[tuple[bytes, bytes, bytes]], *, partial: bool = True) -> int:
-        """Append the chunks as `ColdTier._migrate_batch` does (what fits; when blocked,
+        """Append the chunks as `ColdTier._store_batch` does (what fits; when blocked,
         one reclaim pass and one more try); the number migrated. Raises ColdFull."""
         done = 0
         reclaimed = False

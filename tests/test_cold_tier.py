@@ -110,17 +110,46 @@ def test_deleted_data_frees_zones_and_reclaim_resets_them(cold_fs: Mount) -> Non
     assert status(cold_fs)["tiers"]["cold"]["zones_reset"] >= len(used)
 
 
+def test_files_migrate_in_write_order_so_a_deleted_file_frees_whole_zones(
+    cold_fs: Mount,
+) -> None:
+    """A file's chunks land together in the zones: deleting it leaves zones with nothing
+    live, which reclaim resets without moving anything."""
+    first, second = random_bytes(9 * MiB, 11), random_bytes(9 * MiB, 12)
+    (cold_fs.mnt / "first").write_bytes(first)
+    run_cli("flush", cold_fs.mnt)
+    (cold_fs.mnt / "second").write_bytes(second)
+    run_cli("migrate", cold_fs.mnt, "--now")
+    (cold_fs.mnt / "first").unlink()
+    os.sync()
+    emptied = [z["zone"] for z in zones(cold_fs) if z["write_pointer"] and not z["live_bytes"]]
+    assert len(emptied) >= 2, zones(cold_fs)
+    run_cli("zones", cold_fs.mnt, "--reclaim")
+    after = {z["zone"]: z for z in zones(cold_fs)}
+    assert all(after[z]["condition"] == "empty" for z in emptied), after
+    assert status(cold_fs)["tiers"]["cold"]["relocated_chunks"] == 0
+    drop_caches(cold_fs)
+    assert (cold_fs.mnt / "second").read_bytes() == second
+
+
 def test_reclaim_relocates_live_records_out_of_dirty_zones(tmp_path: Path, cold_data: Path) -> None:
+    """Files written in turn (one to keep, one to delete) share their zones: deleting one
+    set leaves every zone half garbage, and reclaim must move the live half out."""
     configure(cold_data, cold__reserve_zones=13)
     with mounted(tmp_path, cold_data) as m:
-        keep = random_bytes(4 * MiB, 5)
-        (m.mnt / "doomed").write_bytes(random_bytes(4 * MiB, 6))
-        (m.mnt / "keep").write_bytes(keep)
+        keep = {f"keep{i:02d}": random_bytes(256 << 10, 500 + i) for i in range(16)}
+        for i, (name, data) in enumerate(keep.items()):
+            (m.mnt / f"doomed{i:02d}").write_bytes(random_bytes(256 << 10, 600 + i))
+            (m.mnt / name).write_bytes(data)
         run_cli("migrate", m.mnt, "--now")
         full = [z["zone"] for z in zones(m) if z["condition"] == "full"]
         assert full, zones(m)
-        (m.mnt / "doomed").unlink()
+        for i in range(16):
+            (m.mnt / f"doomed{i:02d}").unlink()
         os.sync()
+        assert all(
+            0 < z["live_bytes"] < z["capacity"] * 3 // 4 for z in zones(m) if z["zone"] in full
+        )
         # A victim is reset on the pass after its relocation, and the relocation stream may
         # open a zone that was just reset: a few rounds, until a dirty zone is left EMPTY.
         for _ in range(3):
@@ -131,11 +160,11 @@ def test_reclaim_relocates_live_records_out_of_dirty_zones(tmp_path: Path, cold_
         else:
             raise AssertionError(f"no dirty zone was emptied: {after}")
         assert status(m)["tiers"]["cold"]["relocated_chunks"] > 0
-        drop_caches(m)
-        assert (m.mnt / "keep").read_bytes() == keep
-        m.remount()
-        drop_caches(m)
-        assert (m.mnt / "keep").read_bytes() == keep
+        for _ in range(2):
+            drop_caches(m)
+            for name, data in keep.items():
+                assert (m.mnt / name).read_bytes() == data, name
+            m.remount()
 
 
 def test_migration_by_age_happens_in_the_background(tmp_path: Path, cold_data: Path) -> None:
@@ -306,16 +335,21 @@ def test_thin_garbage_does_not_block_migration_at_high_fill(
     tmp_path: Path, cold_data: Path
 ) -> None:
     """Garbage threshold deadlock: at ~85% fill, deleting a few files spreads their garbage
-    thinly over every zone (chunks migrate in chunk id order), below cold.min_garbage (0.6
-    here, so that no zone reaches it); once only the reserve is left EMPTY, migration must
-    still go on: reclaim relocates the dirtiest zones whatever their share of garbage."""
+    thinly over the zones, below cold.min_garbage (0.6 here, so that no zone reaches it);
+    once only the reserve is left EMPTY, migration must still go on: reclaim relocates the
+    dirtiest zones whatever their share of garbage.
+
+    Chunks migrate in write order, and the churn deletes files in name order: the names
+    make every fourth file written the next to go, so each zone keeps three quarters."""
     configure(cold_data, cold__min_garbage=0.6)
     with mounted(tmp_path, cold_data) as m:
-        files = {f"a{i:02d}": random_bytes(MiB, 100 + i) for i in range(44)}
-        for name, data in files.items():
-            (m.mnt / name).write_bytes(data)
+        files = {}
+        for i in range(176):
+            name = f"a{i % 4}{i // 4:03d}"
+            files[name] = random_bytes(256 << 10, 100 + i)
+            (m.mnt / name).write_bytes(files[name])
         run_cli("migrate", m.mnt, "--now")
-        _churn(m, files, rounds=6, count=3, size=MiB, seed=1)
+        _churn(m, files, rounds=6, count=12, size=256 << 10, seed=1)
         assert status(m)["tiers"]["cold"]["relocated_chunks"] > 0
         _check_files(m, files)
 

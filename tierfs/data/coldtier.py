@@ -9,9 +9,10 @@ than `cold.cold_after` (or, above `cold.hot_high_pct` of the hot tier's room, th
 recently used segments until it is back under `cold.hot_low_pct`). Access is tracked
 coarsely, per segment and in memory: the segment file's mtime (its last append) and the last
 chunk load from it since mount; a mount counts as an access, so nothing migrates by age in
-the first `cold_after` after a mount. A batch's frames are read from the hot tier (pinned,
-checked), appended to zones and flushed, then one operation points each chunk that is still
-where it was at its record and frees its hot frame (given back once that commit is durable).
+the first `cold_after` after a mount. Chunks go in the order of their hot copies, in batches:
+a batch's frames are read from the hot tier (pinned, checked) while the batch before is
+appended to zones and flushed, then one operation points each chunk that is still where it
+was at its record and frees its hot frame (given back once that commit is durable).
 
 Reclaim: zones with nothing live are reset once the commit that emptied them is durable and
 no reader pins them; when EMPTY zones run low, the zones with the most garbage have their
@@ -58,8 +59,10 @@ from tierfs.tiers.zns.model import SECTOR, Cond
 log = logging.getLogger(__name__)
 
 SCAN_SLICE = 4096  # chunk records looked at per step of a migration scan (no await inside)
+COLLECT_MAX = 65536  # chunk records a migration sorts into hot order at a time (~16 GiB)
 PROMOTE_QUEUE_MAX = 4096
 PROMOTE_BATCH = 256
+ReadBatch = tuple[list[tuple[bytes, ChunkRecord]], list[bytes | None]]
 AppendHot = Callable[[list[bytes], Callable[[Any, list[Any]], None]], Awaitable[None]]
 
 
@@ -232,28 +235,62 @@ class ColdTier:
     async def migrate(self, segments: set[int] | None, klass: int) -> None:
         """Migrate the chunks whose hot copy is in `segments` (None: every segment).
 
+        Chunks go in the order of their hot copies (segment, then offset): the frames are
+        read sequentially, and what was written together lands together in the zones, where
+        it will most likely be read and deleted together too.
+
         Raises `ColdFull` when a batch still finds no room after a reclaim pass (see the
         module docstring); what was migrated before stays migrated."""
         if segments is not None and not segments:
             self.need = 0
             return
         async with self.migrate_lock:
-            batch: list[tuple[bytes, ChunkRecord]] = []
-            size = 0
+            send, receive = trio.open_memory_channel[ReadBatch](0)
+            full: ColdFull | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_batches, send, segments)
+                async with receive:
+                    async for batch, frames in receive:
+                        try:
+                            await self._store_batch(batch, frames, klass)
+                        except ColdFull as exc:
+                            full = exc
+                            nursery.cancel_scope.cancel()
+                            break
+            if full is not None:
+                raise full
+            self.need = 0
+
+    async def _read_batches(
+        self, send: trio.MemorySendChannel[ReadBatch], segments: set[int] | None
+    ) -> None:
+        """The producer half of a migration: each batch's frames, read while the batch
+        before is appended to the zones (reading and writing overlap on the disk)."""
+        async with send:
             after = b""
             while True:
-                found, after = self._scan_slice(after, segments)
-                for item in found:
-                    batch.append(item)
-                    size += item[1].frame_len
-                    if size >= self.policy.batch_bytes:
-                        await self._migrate_batch(batch, klass)
-                        batch, size = [], 0
+                found, after = await self._collect(after, segments)
+                for batch in self._batches(found):
+                    batch = self._still_hot(batch)
+                    if batch:
+                        await send.send((batch, await self._read_batch(batch)))
                 if not after:
-                    break
-                await trio.lowlevel.checkpoint()
-            await self._migrate_batch(batch, klass)
-            self.need = 0
+                    return
+
+    async def _collect(
+        self, after: bytes, segments: set[int] | None
+    ) -> tuple[list[tuple[bytes, ChunkRecord]], bytes]:
+        """Up to `COLLECT_MAX` chunk records after key `after` with a hot copy in
+        `segments`, sorted by hot location; and the key to continue from (b"": the end)."""
+        found: list[tuple[bytes, ChunkRecord]] = []
+        while len(found) < COLLECT_MAX:
+            more, after = self._scan_slice(after, segments)
+            found.extend(more)
+            if not after:
+                break
+            await trio.lowlevel.checkpoint()
+        found.sort(key=_hot_order)
+        return found, after
 
     def _scan_slice(
         self, after: bytes, segments: set[int] | None
@@ -268,17 +305,35 @@ class ColdTier:
                 found.append((key, record))
         return found, after
 
-    async def _migrate_batch(self, batch: list[tuple[bytes, ChunkRecord]], klass: int) -> None:
-        if not batch:
-            return
+    def _batches(
+        self, found: list[tuple[bytes, ChunkRecord]]
+    ) -> Iterator[list[tuple[bytes, ChunkRecord]]]:
+        """`found` in runs of about `batch_bytes` of frames."""
+        batch: list[tuple[bytes, ChunkRecord]] = []
+        size = 0
+        for item in found:
+            batch.append(item)
+            size += item[1].frame_len
+            if size >= self.policy.batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    async def _read_batch(self, batch: list[tuple[bytes, ChunkRecord]]) -> list[bytes | None]:
+        """The batch's hot frames (pinned while they are read): see `_read_frames`."""
         with contextlib.ExitStack() as pins:
             for _, record in batch:
                 hot = record.hot_location()
                 assert hot is not None
                 pins.enter_context(self.chunks.pin(hot[0], hot[1]))
-            frames = await trio.to_thread.run_sync(
-                self._read_frames, batch, limiter=self.io_limiter
-            )
+            return await trio.to_thread.run_sync(self._read_frames, batch, limiter=self.io_limiter)
+
+    async def _store_batch(
+        self, batch: list[tuple[bytes, ChunkRecord]], frames: list[bytes | None], klass: int
+    ) -> None:
+        """Append the frames read to zones; the chunks still where they were read from now
+        live there (`_install`). A batch that finds no room waits for a reclaim pass once."""
         pending = [(item, f) for item, f in zip(batch, frames, strict=True) if f is not None]
         reclaimed = False
         while pending:
@@ -317,6 +372,16 @@ class ColdTier:
             )
             await self.reclaim()
             reclaimed = True
+
+    def _still_hot(self, batch: list[tuple[bytes, ChunkRecord]]) -> list[tuple[bytes, ChunkRecord]]:
+        """The chunks of `batch` still at the hot location they were collected at (earlier
+        batches awaited meanwhile: a chunk may have been freed, or moved by promotion)."""
+        out = []
+        for chunk_id, was in batch:
+            record = self.chunks.get(chunk_id)
+            if record is not None and record.hot_location() == was.hot_location():
+                out.append((chunk_id, record))
+        return out
 
     def _read_frames(self, batch: list[tuple[bytes, ChunkRecord]]) -> list[bytes | None]:
         """Worker thread: each chunk's hot frame, checked; None for one that fails (it stays
@@ -524,6 +589,12 @@ class ColdTier:
     def close(self) -> None:
         with contextlib.suppress(OSError, ColdError):
             self.device.close_device()
+
+
+def _hot_order(item: tuple[bytes, ChunkRecord]) -> tuple[int, int]:
+    hot = item[1].hot_location()
+    assert hot is not None
+    return hot
 
 
 def _class_name(klass: int | None) -> str:
