@@ -55,6 +55,7 @@ from tierfs.tiers.cold.zones import Lifetime, ZoneAllocator
 from tierfs.tiers.hot import HotStore
 from tierfs.tiers.zns.device import ZonedDevice
 from tierfs.tiers.zns.model import SECTOR, Cond
+from tierfs.trioutil import Emit, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -245,37 +246,24 @@ class ColdTier:
             self.need = 0
             return
         async with self.migrate_lock:
-            send, receive = trio.open_memory_channel[ReadBatch](0)
-            full: ColdFull | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_batches, send, segments)
-                async with receive:
-                    async for batch, frames in receive:
-                        try:
-                            await self._store_batch(batch, frames, klass)
-                        except ColdFull as exc:
-                            full = exc
-                            nursery.cancel_scope.cancel()
-                            break
-            if full is not None:
-                raise full
+            await pipeline(
+                functools.partial(self._read_batches, segments),
+                functools.partial(self._store_batch, klass),
+            )
             self.need = 0
 
-    async def _read_batches(
-        self, send: trio.MemorySendChannel[ReadBatch], segments: set[int] | None
-    ) -> None:
+    async def _read_batches(self, segments: set[int] | None, emit: Emit[ReadBatch]) -> None:
         """The producer half of a migration: each batch's frames, read while the batch
         before is appended to the zones (reading and writing overlap on the disk)."""
-        async with send:
-            after = b""
-            while True:
-                found, after = await self._collect(after, segments)
-                for batch in self._batches(found):
-                    batch = self._still_hot(batch)
-                    if batch:
-                        await send.send((batch, await self._read_batch(batch)))
-                if not after:
-                    return
+        after = b""
+        while True:
+            found, after = await self._collect(after, segments)
+            for batch in self._batches(found):
+                batch = self._still_hot(batch)
+                if batch:
+                    await emit((batch, await self._read_batch(batch)))
+            if not after:
+                return
 
     async def _collect(
         self, after: bytes, segments: set[int] | None
@@ -329,11 +317,10 @@ class ColdTier:
                 pins.enter_context(self.chunks.pin(hot[0], hot[1]))
             return await trio.to_thread.run_sync(self._read_frames, batch, limiter=self.io_limiter)
 
-    async def _store_batch(
-        self, batch: list[tuple[bytes, ChunkRecord]], frames: list[bytes | None], klass: int
-    ) -> None:
+    async def _store_batch(self, klass: int, read: ReadBatch) -> None:
         """Append the frames read to zones; the chunks still where they were read from now
         live there (`_install`). A batch that finds no room waits for a reclaim pass once."""
+        batch, frames = read
         pending = [(item, f) for item, f in zip(batch, frames, strict=True) if f is not None]
         reclaimed = False
         while pending:
