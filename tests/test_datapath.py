@@ -298,6 +298,12 @@ def test_rewriting_sealed_bytes_with_the_same_content_loses_nothing(
         assert (fs.mnt / "a").read_bytes() == a
         fs.umount()
         assert run_cli("fsck", fs.data).returncode == 0
+        # The rewrite moved the old extent's reference to the new one: no reference is
+        # left over once both files go.
+        fs.mount()
+        (fs.mnt / "a").unlink()
+        (fs.mnt / "b").unlink()
+        assert flush(fs)["chunks"]["count"] == 0
 
 
 def test_a_long_sequential_write_is_sealed_behind_its_writer(
