@@ -132,10 +132,10 @@ class FileReader:
         needs evicted chunks), so that several loads keep the disk or the store busy while
         the reader consumes; only the part not yet scheduled is looked up, and only once
         less than half a window is: each look-up then schedules half a window or more (a
-        few runs) instead of one request's worth, which costs the trio thread a quarter of
-        the look-ups, claims and thread hops. Each load is
-        claimed here, in file order, before its task runs (`_claim`), so that neither the
-        read nor another task starts the same load."""
+        few runs) instead of one request's worth, so the trio thread makes about a quarter
+        of the extent scans and thread hops (the claims, one per chunk, stay as many). Each
+        load is claimed here, in file order, before its task runs (`_claim`), so that
+        neither the read nor another task starts the same load."""
         if self.prefetch is None:
             return
         window, done = self._window.get(ino, (PREFETCH_MIN // 2, read_start))
