@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ def bucketed_files(root: Path) -> Iterator[Path]:
     for bucket in sorted(root.iterdir()):
         if bucket.is_dir():
             yield from bucket.iterdir()
+
+
+def anonymous_memory(size: int) -> mmap.mmap:
+    """`size` bytes of private anonymous memory, page-aligned: zero pages until written,
+    faulted in by whichever thread fills them (a bytearray is zero-filled at once, with the
+    GIL held)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

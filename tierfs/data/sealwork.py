@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from tierfs.data import frame
 from tierfs.data.chunker import Chunker
 from tierfs.fs.ranges import RangeSet
+from tierfs.osutil import anonymous_memory
 
 _ZEROS = bytes(1 << 20)
 
@@ -126,7 +127,7 @@ def cut_batch(
     that a run split across rounds is cut where FastCDC would have cut it whole.
     """
     if batch.arena is None:
-        batch.arena = _anonymous(arena_size)
+        batch.arena = anonymous_memory(arena_size)
     arena = memoryview(batch.arena)
     used = 0
     for job in batch.jobs:
@@ -141,7 +142,7 @@ def cut_batch(
                     buf = arena[used : used + size]
                     used += size
                 else:
-                    buf = memoryview(_anonymous(size))
+                    buf = memoryview(anonymous_memory(size))
                 _pread_into(fd, buf, start)
                 cuts = list(chunker.cut(buf, job.fixed, start))
                 if not final and len(cuts) > 1:
@@ -196,8 +197,3 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
         step = min(size - done, len(_ZEROS))
         buf[done : done + step] = _ZEROS[:step]
         done += step
-
-
-def _anonymous(size: int) -> mmap.mmap:
-    """Private anonymous memory: zero pages until written, faulted in by whoever fills it."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from tierfs.osutil import bucketed_files, punch_hole
+from tierfs.osutil import anonymous_memory, bucketed_files, punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class HotStore:
         if self._direct_buf is None or len(self._direct_buf) < size:
             if self._direct_buf is not None:
                 self._direct_buf.close()
-            self._direct_buf = mmap.mmap(-1, _align_up(size, 1 << 20))
+            self._direct_buf = anonymous_memory(_align_up(size, 1 << 20))
         return self._direct_buf
 
     def sync_new_segment_dirs(self, seg: int) -> None:
